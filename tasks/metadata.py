@@ -1,0 +1,327 @@
+"""sync-metadata: convert a YFCC100M `yfcc100m_dataset` file into typed Parquet parts.
+
+Reads the 25-column layout (line number, photo id, hash, ..., marker) from a local
+path or s3:// URI, plain or compressed (.bz2, .gz, detected from the name), streams it
+in blocks, and writes `metadata/<version>/part-NNNNN.parquet` plus
+`metadata/manifest.json`. The manifest is written last and is the commit marker:
+readers list parts only through it, so a re-conversion never exposes a mix of old
+and new parts. Malformed lines go to `metadata/<version>/rejects.jsonl` with their
+line number and reason; the stage fails when their fraction exceeds
+`--max-reject-fraction`. Re-running against an unchanged source does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.errors import ConfigError, StageError
+from tasks.storage import ArtifactStore, open_input
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_KEY = "metadata/manifest.json"
+MANIFEST_FORMAT = 1
+
+# Column names of the 25-column `yfcc100m_dataset` layout, in file order.
+DATASET_COLUMNS = [
+    "line_number", "photo_id", "hash", "user_nsid", "user_nickname", "date_taken_text",
+    "date_uploaded_text", "device", "title", "description", "user_tags", "machine_tags",
+    "longitude", "latitude", "accuracy", "page_url", "download_url", "license_name",
+    "license_url", "server_id", "farm_id", "secret", "secret_original", "extension",
+    "marker",
+]
+URL_ENCODED_COLUMNS = ["user_nickname", "device", "title", "description"]
+TAG_COLUMNS = ["user_tags", "machine_tags"]
+PLAIN_TEXT_COLUMNS = ["hash", "user_nsid", "page_url", "download_url", "license_name",
+                      "license_url", "secret", "secret_original", "extension"]
+# Uploads outside this range cannot be YFCC100M photos (Flickr opened in 2004).
+MIN_UPLOAD_SECONDS = 946_684_800     # 2000-01-01
+MAX_UPLOAD_SECONDS = 4_102_444_800   # 2100-01-01
+
+
+@dataclass(frozen=True)
+class Config:
+    artifact_root: str
+    source: str
+    part_rows: int = 1_000_000
+    block_bytes: int = 16 << 20
+    max_reject_fraction: float = 0.01
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Config:
+        if args.part_rows < 1:
+            raise ConfigError(f"--part-rows must be at least 1, got {args.part_rows}")
+        if args.block_mib < 1:
+            raise ConfigError(f"--block-mib must be at least 1, got {args.block_mib}")
+        if not 0.0 <= args.max_reject_fraction <= 1.0:
+            raise ConfigError(
+                f"--max-reject-fraction must be between 0 and 1, got {args.max_reject_fraction}"
+            )
+        return cls(args.artifact_root, args.source, args.part_rows, args.block_mib << 20,
+                   args.max_reject_fraction)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", required=True,
+                        help="yfcc100m_dataset file: local path, file:// or s3:// URI; "
+                        "plain, .bz2 or .gz")
+    parser.add_argument("--part-rows", type=int, default=1_000_000,
+                        help="maximum rows per Parquet part (default: 1000000)")
+    parser.add_argument("--block-mib", type=int, default=16,
+                        help="CSV reader block size in MiB; bounds memory (default: 16)")
+    parser.add_argument("--max-reject-fraction", type=float, default=0.01,
+                        help="fail when more than this fraction of lines is malformed "
+                        "(default: 0.01)")
+
+
+def output_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("line_number", pa.int64()), ("photo_id", pa.int64()), ("hash", pa.string()),
+        ("user_nsid", pa.string()), ("user_nickname", pa.string()),
+        ("date_taken", pa.timestamp("s")), ("date_taken_valid", pa.bool_()),
+        ("date_uploaded", pa.timestamp("s")), ("device", pa.string()),
+        ("title", pa.string()), ("description", pa.string()),
+        ("user_tags", pa.list_(pa.string())), ("machine_tags", pa.list_(pa.string())),
+        ("longitude", pa.float64()), ("latitude", pa.float64()), ("accuracy", pa.int32()),
+        ("page_url", pa.string()), ("download_url", pa.string()),
+        ("license_name", pa.string()), ("license_url", pa.string()),
+        ("server_id", pa.int32()), ("farm_id", pa.int32()), ("secret", pa.string()),
+        ("secret_original", pa.string()), ("extension", pa.string()),
+        ("is_video", pa.bool_()),
+    ])
+
+
+def _decode(value: str | None) -> str | None:
+    return None if value is None else urllib.parse.unquote_plus(value)
+
+
+def _decode_tags(value: str | None) -> list[str]:
+    if not value:
+        return []
+    return [urllib.parse.unquote_plus(tag) for tag in value.split(",") if tag]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _Rejects:
+    """Collects malformed lines with their line number and reason."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def add(self, line_number: int | None, reason: str, text: str) -> None:
+        if len(self.rows) < 10:
+            logger.warning("rejected line %s: %s", line_number, reason)
+        elif len(self.rows) == 10:
+            logger.warning("further rejected lines are only written to the rejects file")
+        self.rows.append({"line": line_number, "reason": reason, "text": text[:500]})
+
+
+def _convert_batch(batch, rejects: _Rejects):
+    """Type one block of raw string columns; rows that cannot be typed become rejects."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = {name: batch.column(name) for name in DATASET_COLUMNS}
+    digits = "^[0-9]+$"
+    valid = pc.and_(pc.match_substring_regex(columns["line_number"], digits),
+                    pc.match_substring_regex(columns["photo_id"], digits))
+    valid = pc.and_(valid, pc.match_substring_regex(columns["date_uploaded_text"], digits))
+    valid = pc.and_(valid, pc.is_in(columns["marker"], pa.array(["0", "1"])))
+    valid = pc.fill_null(valid, False)
+    if not pc.all(valid).as_py():
+        for index in pc.indices_nonzero(pc.invert(valid)).to_pylist():
+            row = {name: columns[name][index].as_py() for name in DATASET_COLUMNS}
+            reason = "non-numeric line number, photo id or upload time, or marker not 0/1"
+            rejects.add(row["line_number"], reason, "\t".join(str(v) for v in row.values()))
+        batch = batch.filter(valid)
+        columns = {name: batch.column(name) for name in DATASET_COLUMNS}
+
+    uploaded = pc.cast(columns["date_uploaded_text"], pa.int64())
+    plausible = pc.and_(pc.greater_equal(uploaded, MIN_UPLOAD_SECONDS),
+                        pc.less(uploaded, MAX_UPLOAD_SECONDS))
+    if not pc.all(plausible).as_py():
+        for index in pc.indices_nonzero(pc.invert(plausible)).to_pylist():
+            rejects.add(int(columns["line_number"][index].as_py()),
+                        f"impossible upload time {uploaded[index].as_py()}",
+                        str(columns["photo_id"][index].as_py()))
+        batch = batch.filter(plausible)
+        columns = {name: batch.column(name) for name in DATASET_COLUMNS}
+        uploaded = pc.cast(columns["date_uploaded_text"], pa.int64())
+
+    taken_text = pc.replace_substring_regex(columns["date_taken_text"], r"\.\d+$", "")
+    taken = pc.strptime(taken_text, format="%Y-%m-%d %H:%M:%S", unit="s", error_is_null=True)
+
+    def number(name, arrow_type):
+        text = columns[name]
+        text = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+        return pc.cast(text, arrow_type, safe=False) if arrow_type == pa.float64() else \
+            pc.cast(pc.if_else(pc.match_substring_regex(text, "^-?[0-9]+$"), text,
+                               pa.scalar(None, pa.string())), arrow_type)
+
+    arrays = {
+        "line_number": pc.cast(columns["line_number"], pa.int64()),
+        "photo_id": pc.cast(columns["photo_id"], pa.int64()),
+        "date_taken": taken,
+        "date_taken_valid": pc.fill_null(pc.is_valid(taken), False),
+        "date_uploaded": pc.cast(pc.cast(uploaded, pa.int64()), pa.timestamp("s")),
+        "longitude": number("longitude", pa.float64()),
+        "latitude": number("latitude", pa.float64()),
+        "accuracy": number("accuracy", pa.int32()),
+        "server_id": number("server_id", pa.int32()),
+        "farm_id": number("farm_id", pa.int32()),
+        "is_video": pc.equal(columns["marker"], "1"),
+    }
+    for name in PLAIN_TEXT_COLUMNS:
+        arrays[name] = columns[name]
+    for name in URL_ENCODED_COLUMNS:
+        arrays[name] = pa.array([_decode(v) for v in columns[name].to_pylist()], pa.string())
+    for name in TAG_COLUMNS:
+        arrays[name] = pa.array([_decode_tags(v) for v in columns[name].to_pylist()],
+                                pa.list_(pa.string()))
+    schema = output_schema()
+    return pa.table([arrays[field.name] for field in schema], schema=schema)
+
+
+def convert(path: Path, store: ArtifactStore, version: str, config: Config) -> dict:
+    """Stream `path` into Parquet parts under `metadata/<version>/`; return counts."""
+    import pyarrow as pa
+    import pyarrow.csv as csv
+    import pyarrow.parquet as pq
+
+    rejects = _Rejects()
+
+    def handle_invalid_row(row) -> str:
+        rejects.add(row.number, f"expected {row.expected_columns} columns, found "
+                    f"{row.actual_columns}", row.text)
+        return "skip"
+
+    read_options = csv.ReadOptions(column_names=DATASET_COLUMNS, block_size=config.block_bytes,
+                                   use_threads=True)
+    parse_options = csv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False,
+                                     newlines_in_values=False,
+                                     invalid_row_handler=handle_invalid_row)
+    convert_options = csv.ConvertOptions(
+        column_types={name: pa.string() for name in DATASET_COLUMNS},
+        strings_can_be_null=False, quoted_strings_can_be_null=False,
+    )
+    parts: list[dict] = []
+    rows = 0
+    writer = None
+    part_rows = 0
+    staged = None
+
+    def close_part():
+        nonlocal writer, staged, part_rows
+        if writer is None:
+            return
+        writer.close()
+        key = f"metadata/{version}/part-{len(parts):05d}.parquet"
+        store.put_file(staged, key)
+        parts.append({"key": key, "rows": part_rows})
+        staged.unlink()
+        writer, staged, part_rows = None, None, 0
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="clear-metadata-") as tmp, \
+            pa.input_stream(str(path), compression="detect") as stream:
+        try:
+            reader = csv.open_csv(stream, read_options=read_options,
+                                  parse_options=parse_options, convert_options=convert_options)
+        except pa.ArrowInvalid as error:
+            raise StageError(f"cannot parse {config.source!r} as tab-separated "
+                             f"yfcc100m_dataset ({error})") from error
+        for batch in reader:
+            table = _convert_batch(batch, rejects)
+            offset = 0
+            while offset < table.num_rows:
+                if writer is None:
+                    staged = Path(tmp) / f"part-{len(parts):05d}.parquet"
+                    writer = pq.ParquetWriter(staged, table.schema, compression="zstd")
+                take = min(config.part_rows - part_rows, table.num_rows - offset)
+                writer.write_table(table.slice(offset, take))
+                part_rows += take
+                rows += take
+                offset += take
+                if part_rows >= config.part_rows:
+                    close_part()
+        close_part()
+    rejects_key = f"metadata/{version}/rejects.jsonl"
+    store.write_text(rejects_key, "".join(json.dumps(r) + "\n" for r in rejects.rows))
+    return {"rows": rows, "rejected": len(rejects.rows), "parts": parts, "rejects": rejects_key}
+
+
+def run(config: Config) -> dict:
+    store = ArtifactStore(config.artifact_root)
+    store.ensure_writable()
+
+    with open_input(config.source) as path:
+        source = {"uri": config.source, "bytes": path.stat().st_size,
+                  "sha256": _file_sha256(path)}
+        options = {"part_rows": config.part_rows, "format": MANIFEST_FORMAT}
+        previous = store.read_json(MANIFEST_KEY) if store.exists(MANIFEST_KEY) else None
+        if previous and previous["source"] == source and previous["options"] == options:
+            logger.info("metadata is up to date with %s (sha256 %s); nothing to do",
+                        config.source, source["sha256"][:12])
+            return {"rows": previous["rows"], "changed": False, "manifest": MANIFEST_KEY}
+
+        version = "v-" + hashlib.sha256(json.dumps([source, options]).encode()).hexdigest()[:12]
+        logger.info("converting %s (%d bytes) into %s", config.source, source["bytes"],
+                    store.url(f"metadata/{version}"))
+        store.delete_prefix(f"metadata/{version}/")
+        result = convert(path, store, version, config)
+
+    total = result["rows"] + result["rejected"]
+    fraction = result["rejected"] / max(total, 1)
+    if fraction > config.max_reject_fraction:
+        raise StageError(
+            f"{result['rejected']} of {total} lines in {config.source!r} are malformed "
+            f"({fraction:.2%} > --max-reject-fraction {config.max_reject_fraction}); see "
+            f"{store.url(result['rejects'])}, fix the source or raise the limit"
+        )
+
+    manifest = {"format": MANIFEST_FORMAT, "source": source, "options": options,
+                "version": version, **result}
+    store.write_json(MANIFEST_KEY, manifest)
+    if previous and previous.get("version") != version:
+        store.delete_prefix(f"metadata/{previous['version']}/")
+    logger.info("wrote %d rows in %d parts, rejected %d lines", result["rows"],
+                len(result["parts"]), result["rejected"])
+    return {"rows": result["rows"], "rejected": result["rejected"], "changed": True,
+            "manifest": MANIFEST_KEY}
+
+
+def load_metadata(store: ArtifactStore, columns: list[str] | None = None):
+    """Read the committed metadata parts as one pyarrow Table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not store.exists(MANIFEST_KEY):
+        raise StageError(f"no metadata under {store.root!r}: run sync-metadata first")
+    manifest = store.read_json(MANIFEST_KEY)
+    tables = []
+    for part in manifest["parts"]:
+        with store.local_copy(part["key"]) as path:
+            tables.append(pq.read_table(path, columns=columns))
+    if not tables:
+        return output_schema().empty_table() if columns is None else \
+            pa.schema([output_schema().field(c) for c in columns]).empty_table()
+    return pa.concat_tables(tables)
+
+
+
