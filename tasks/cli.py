@@ -80,6 +80,8 @@ def usage() -> str:
 
 
 def write_summary(summary: dict) -> None:
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 reports
     line = json.dumps(summary, sort_keys=True, default=str)
     target = os.environ.get("CLEAR_SUMMARY_FILE")
     if target:
@@ -105,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("stage %s starting with artifact root %s", args.stage, args.artifact_root)
         summary = args.module.run(config)
     except StageError as error:
-        logger.error("stage %s failed: %s", args.stage, error)
-        sys.stderr.write(f"error: {error}\n")
+        sys.stderr.write(f"error: stage {args.stage} failed: {error}\n")
         return 2
     write_summary({"stage": args.stage, **summary})
     return 0

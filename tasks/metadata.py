@@ -81,13 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def output_schema():
+    """Schema of the metadata parts; times are UTC in milliseconds, as Parquet stores them."""
     import pyarrow as pa
 
     return pa.schema([
         ("line_number", pa.int64()), ("photo_id", pa.int64()), ("hash", pa.string()),
         ("user_nsid", pa.string()), ("user_nickname", pa.string()),
-        ("date_taken", pa.timestamp("s")), ("date_taken_valid", pa.bool_()),
-        ("date_uploaded", pa.timestamp("s")), ("device", pa.string()),
+        ("date_taken", pa.timestamp("ms")), ("date_taken_valid", pa.bool_()),
+        ("date_uploaded", pa.timestamp("ms")), ("device", pa.string()),
         ("title", pa.string()), ("description", pa.string()),
         ("user_tags", pa.list_(pa.string())), ("machine_tags", pa.list_(pa.string())),
         ("longitude", pa.float64()), ("latitude", pa.float64()), ("accuracy", pa.int32()),
@@ -118,10 +119,23 @@ def _file_sha256(path: Path) -> str:
 
 
 class _Rejects:
-    """Collects malformed lines with their line number and reason."""
+    """Collects malformed lines with their 1-based physical line number and reason.
+
+    The CSV reader drops lines with a wrong column count before the typed checks see
+    the block, so a row's physical line is its index among the parsed rows plus the
+    number of dropped lines before it.
+    """
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
+        self.dropped_lines: list[int] = []
+
+    def physical_line(self, parsed_index: int) -> int:
+        line = parsed_index + 1
+        for dropped in self.dropped_lines:
+            if dropped <= line:
+                line += 1
+        return line
 
     def add(self, line_number: int | None, reason: str, text: str) -> None:
         if len(self.rows) < 10:
@@ -131,12 +145,16 @@ class _Rejects:
         self.rows.append({"line": line_number, "reason": reason, "text": text[:500]})
 
 
-def _convert_batch(batch, rejects: _Rejects):
-    """Type one block of raw string columns; rows that cannot be typed become rejects."""
+def _convert_batch(batch, first_index: int, rejects: _Rejects):
+    """Type one block of raw string columns; rows that cannot be typed become rejects.
+
+    `first_index` is the position of the block's first row among all parsed rows.
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
 
     columns = {name: batch.column(name) for name in DATASET_COLUMNS}
+    positions = pa.array(range(first_index, first_index + batch.num_rows), pa.int64())
     digits = "^[0-9]+$"
     valid = pc.and_(pc.match_substring_regex(columns["line_number"], digits),
                     pc.match_substring_regex(columns["photo_id"], digits))
@@ -147,8 +165,10 @@ def _convert_batch(batch, rejects: _Rejects):
         for index in pc.indices_nonzero(pc.invert(valid)).to_pylist():
             row = {name: columns[name][index].as_py() for name in DATASET_COLUMNS}
             reason = "non-numeric line number, photo id or upload time, or marker not 0/1"
-            rejects.add(row["line_number"], reason, "\t".join(str(v) for v in row.values()))
+            rejects.add(rejects.physical_line(positions[index].as_py()), reason,
+                        "\t".join(str(v) for v in row.values()))
         batch = batch.filter(valid)
+        positions = positions.filter(valid)
         columns = {name: batch.column(name) for name in DATASET_COLUMNS}
 
     uploaded = pc.cast(columns["date_uploaded_text"], pa.int64())
@@ -156,7 +176,7 @@ def _convert_batch(batch, rejects: _Rejects):
                         pc.less(uploaded, MAX_UPLOAD_SECONDS))
     if not pc.all(plausible).as_py():
         for index in pc.indices_nonzero(pc.invert(plausible)).to_pylist():
-            rejects.add(int(columns["line_number"][index].as_py()),
+            rejects.add(rejects.physical_line(positions[index].as_py()),
                         f"impossible upload time {uploaded[index].as_py()}",
                         str(columns["photo_id"][index].as_py()))
         batch = batch.filter(plausible)
@@ -176,9 +196,9 @@ def _convert_batch(batch, rejects: _Rejects):
     arrays = {
         "line_number": pc.cast(columns["line_number"], pa.int64()),
         "photo_id": pc.cast(columns["photo_id"], pa.int64()),
-        "date_taken": taken,
+        "date_taken": pc.cast(taken, pa.timestamp("ms")),
         "date_taken_valid": pc.fill_null(pc.is_valid(taken), False),
-        "date_uploaded": pc.cast(pc.cast(uploaded, pa.int64()), pa.timestamp("s")),
+        "date_uploaded": pc.cast(pc.cast(uploaded, pa.timestamp("s")), pa.timestamp("ms")),
         "longitude": number("longitude", pa.float64()),
         "latitude": number("latitude", pa.float64()),
         "accuracy": number("accuracy", pa.int32()),
@@ -206,12 +226,13 @@ def convert(path: Path, store: ArtifactStore, version: str, config: Config) -> d
     rejects = _Rejects()
 
     def handle_invalid_row(row) -> str:
+        rejects.dropped_lines.append(row.number)
         rejects.add(row.number, f"expected {row.expected_columns} columns, found "
                     f"{row.actual_columns}", row.text)
         return "skip"
 
     read_options = csv.ReadOptions(column_names=DATASET_COLUMNS, block_size=config.block_bytes,
-                                   use_threads=True)
+                                   use_threads=False)  # so invalid rows carry line numbers
     parse_options = csv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False,
                                      newlines_in_values=False,
                                      invalid_row_handler=handle_invalid_row)
@@ -246,8 +267,10 @@ def convert(path: Path, store: ArtifactStore, version: str, config: Config) -> d
         except pa.ArrowInvalid as error:
             raise StageError(f"cannot parse {config.source!r} as tab-separated "
                              f"yfcc100m_dataset ({error})") from error
+        parsed = 0
         for batch in reader:
-            table = _convert_batch(batch, rejects)
+            table = _convert_batch(batch, parsed, rejects)
+            parsed += batch.num_rows
             offset = 0
             while offset < table.num_rows:
                 if writer is None:

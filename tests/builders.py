@@ -105,3 +105,13 @@ def write_bucket(store: ArtifactStore, split: str, bucket: str, shard_id: str,
 
 def random_image_array(seed: int, size: int = 32) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+
+
+def tiny_clip_checkpoint(folder: Path) -> Path:
+    """Write the deterministic `clear-tiny` CLIP weights into `folder` once and return the path."""
+    from tasks.clip_models import write_tiny_checkpoint
+
+    path = folder / "clear-tiny.pt"
+    if not path.exists():
+        write_tiny_checkpoint(path)
+    return path

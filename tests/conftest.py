@@ -18,3 +18,22 @@ def artifact_root(tmp_path) -> str:
     root = tmp_path / "artifacts"
     root.mkdir()
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API server on 127.0.0.1 for the whole test session."""
+    from s3_server import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_server, monkeypatch, request) -> str:
+    """An empty `s3://bucket/prefix` artifact root, with boto3 pointed at the test server."""
+    for name, value in s3_server.environment.items():
+        monkeypatch.setenv(name, value)
+    prefix = "".join(ch if ch.isalnum() else "-" for ch in request.node.name)
+    return f"s3://{s3_server.bucket}/{prefix}"

@@ -1,0 +1,104 @@
+"""The `docker` and `kubernetes` runtimes: the stage's command in its image."""
+
+from __future__ import annotations
+
+import json
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.docker.operators.docker import DockerOperator
+
+from clear_runtime.settings import RuntimeSettings, s3_environment
+
+# Unique per DAG run, task, map index and try, so a retry never meets the container
+# of the try before it.
+CONTAINER_NAME = ("clear-{{ dag.dag_id }}-{{ task.task_id | replace('_', '-') }}-"
+                  "{{ ti.map_index }}-{{ ti.try_number }}-{{ run_id | slugify }}")
+KUBERNETES_SUMMARY_FILE = "/airflow/xcom/return.json"
+
+
+def _summary_from_logs(value) -> dict:
+    """DockerOperator pushes the last log line; stages print their JSON summary last."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        return {}
+    try:
+        return json.loads(value.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        return {}
+
+
+class StageDockerOperator(DockerOperator):
+    """DockerOperator that runs one stage with the project's settings applied."""
+
+    def __init__(self, *, stage: str, command: list[str], extra_arguments: list[str] = (),
+                 gpu: bool = False, settings: RuntimeSettings, **kwargs):
+        from docker.types import DeviceRequest, Mount
+
+        self.stage = stage
+        self.s3_conn_id = settings.s3_conn_id
+        mount_type = "bind" if settings.artifact_volume.startswith("/") else "volume"
+        super().__init__(
+            image=settings.image(gpu),
+            command=[*command, *extra_arguments],
+            container_name=CONTAINER_NAME,
+            docker_url=settings.docker_host,
+            mounts=[Mount(target=settings.artifact_mount, source=settings.artifact_volume,
+                          type=mount_type)],
+            environment={"CLEAR_ARTIFACT_ROOT": settings.artifact_mount},
+            shm_size=settings.shm_size_bytes,
+            device_requests=[DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpu else None,
+            network_mode=settings.docker_network or None,
+            auto_remove="force",
+            mount_tmp_dir=False,
+            do_xcom_push=True,
+            xcom_all=False,
+            **kwargs,
+        )
+
+    def execute(self, context):
+        # Credentials are resolved at run time so they never land in the serialized DAG.
+        self.private_environment = {**(self.private_environment or {}),
+                                    **s3_environment(self.s3_conn_id)}
+        return _summary_from_logs(super().execute(context))
+
+
+class StagePodOperator(KubernetesPodOperator):
+    """KubernetesPodOperator that runs one stage with the project's settings applied."""
+
+    def __init__(self, *, stage: str, command: list[str], extra_arguments: list[str] = (),
+                 gpu: bool = False, settings: RuntimeSettings, **kwargs):
+        from kubernetes.client import models as k8s
+
+        self.stage = stage
+        volumes = [
+            k8s.V1Volume(name="artifacts", persistent_volume_claim=k8s.
+                         V1PersistentVolumeClaimVolumeSource(claim_name=settings.artifact_claim)),
+            k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(
+                medium="Memory", size_limit=str(settings.shm_size_bytes))),
+        ]
+        mounts = [k8s.V1VolumeMount(name="artifacts", mount_path=settings.artifact_mount),
+                  k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")]
+        resources = None
+        if gpu:
+            limit = {"nvidia.com/gpu": str(settings.gpus_per_task)}
+            resources = k8s.V1ResourceRequirements(limits=limit, requests=limit)
+        environment = [
+            k8s.V1EnvVar(name="CLEAR_ARTIFACT_ROOT", value=settings.artifact_mount),
+            k8s.V1EnvVar(name="CLEAR_SUMMARY_FILE", value=KUBERNETES_SUMMARY_FILE),
+        ]
+        super().__init__(
+            image=settings.image(gpu),
+            cmds=command[:1],
+            arguments=[*command[1:], *extra_arguments],
+            namespace=settings.namespace,
+            name=f"clear-{stage}",
+            random_name_suffix=True,
+            volumes=volumes,
+            volume_mounts=mounts,
+            container_resources=resources,
+            env_vars=environment,
+            do_xcom_push=True,
+            on_finish_action="delete_pod",
+            **kwargs,
+        )
