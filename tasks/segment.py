@@ -146,6 +146,11 @@ def load_downloaded_samples(store: ArtifactStore):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    # Where each sample sits in its shard tar, as the download manifest records it.
+    location_schema = pa.schema([("photo_id", pa.int64()), ("member", pa.string()),
+                                 ("offset", pa.int64()), ("bytes", pa.int64()),
+                                 ("width", pa.int32()), ("height", pa.int32()),
+                                 ("orientation", pa.int16())])
     plan = store.read_json(PLAN_KEY)
     tables = []
     finished = []
@@ -161,8 +166,8 @@ def load_downloaded_samples(store: ArtifactStore):
         with store.local_copy(shard_key(shard["id"])) as path:
             planned = pq.read_table(path, columns=["photo_id", "line_number", "date_uploaded",
                                                    "date_taken", "extension"])
-        joined = manifest.select(["photo_id", "member", "offset", "bytes", "width", "height",
-                                  "orientation"]).join(planned, "photo_id")
+        located = manifest.select(list(location_schema.names)).cast(location_schema)
+        joined = located.join(planned, "photo_id")
         shard_column = pa.array([shard["id"]] * joined.num_rows, pa.string())
         tables.append(joined.append_column("shard", shard_column))
     if not tables:

@@ -1,10 +1,20 @@
 """Fixtures shared by every test module."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 DATA = Path(__file__).parent / "data"
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+# Airflow reads its configuration on first import, so point it at this repository and
+# a throw-away home before any test module imports it.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="clear-airflow-home-"))
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPOSITORY / "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPOSITORY / "plugins")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 
 
 @pytest.fixture
