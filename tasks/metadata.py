@@ -100,14 +100,78 @@ def output_schema():
     ])
 
 
-def _decode(value: str | None) -> str | None:
-    return None if value is None else urllib.parse.unquote_plus(value)
+_HEX_VALUES = {ord(c): int(c, 16) for c in "0123456789abcdefABCDEF"}
 
 
-def _decode_tags(value: str | None) -> list[str]:
-    if not value:
-        return []
-    return [urllib.parse.unquote_plus(tag) for tag in value.split(",") if tag]
+def _percent_decode_buffer(array):
+    """Percent-decode every value of a string array in one numpy pass over its buffer.
+
+    Returns None when the decoded bytes are not valid UTF-8, so the caller can fall
+    back to Python, which replaces invalid sequences as `urllib.parse.unquote` does.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+    array = pa.concat_arrays([array])  # a fresh array whose offsets start at 0
+    offsets = np.frombuffer(array.buffers()[1], np.int32)[: len(array) + 1]
+    data = np.frombuffer(array.buffers()[2], np.uint8)[: offsets[-1]].copy()
+
+    lookup = np.full(256, -1, np.int16)
+    for code, value in _HEX_VALUES.items():
+        lookup[code] = value
+    candidates = np.flatnonzero(data[:-2] == ord("%")) if len(data) > 2 else np.empty(0, int)
+    high, low = lookup[data[candidates + 1]], lookup[data[candidates + 2]]
+    # A triple must be hex on both digits and must not run into the next value.
+    owner_end = offsets[np.searchsorted(offsets, candidates, side="right")]
+    valid = (high >= 0) & (low >= 0) & (candidates + 2 < owner_end)
+    # Triples cannot overlap: both digits of a triple are hex, so neither is a '%'.
+    triples = candidates[valid]
+    data[triples] = (lookup[data[triples + 1]] * 16 + lookup[data[triples + 2]]).astype(np.uint8)
+    keep = np.ones(len(data), bool)
+    keep[triples + 1] = False
+    keep[triples + 2] = False
+    removed = np.concatenate([[0], np.cumsum(~keep)])
+    new_offsets = (offsets - removed[offsets]).astype(np.int32)
+    decoded = pa.StringArray.from_buffers(len(array), pa.py_buffer(new_offsets),
+                                          pa.py_buffer(data[keep].tobytes()),
+                                          array.buffers()[0], array.null_count)
+    try:
+        decoded.validate(full=True)
+    except pa.ArrowInvalid:
+        return None
+    return decoded
+
+
+def _url_decode(array):
+    """`urllib.parse.unquote_plus` over a string array, vectorized."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    spaced = pc.replace_substring(array, "+", " ")
+    escaped = pc.fill_null(pc.match_substring(array, "%"), False)
+    if not pc.any(escaped).as_py():
+        return spaced
+    decoded = _percent_decode_buffer(spaced)
+    if decoded is not None:
+        return decoded
+    values = [urllib.parse.unquote(value) for value in spaced.filter(escaped).to_pylist()]
+    return pc.replace_with_mask(spaced, escaped, pa.array(values, pa.string()))
+
+
+def _decode_tags(array):
+    """Split comma-separated, URL-encoded tags into lists, dropping empty tags."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lists = pc.split_pattern(array, ",")
+    values = pc.list_flatten(lists)
+    keep = pc.not_equal(values, "")
+    parents = pc.list_parent_indices(lists).to_numpy()[keep.to_numpy(zero_copy_only=False)]
+    counts = np.bincount(parents, minlength=len(lists))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), _url_decode(values.filter(keep)))
 
 
 def _file_sha256(path: Path) -> str:
@@ -209,10 +273,9 @@ def _convert_batch(batch, first_index: int, rejects: _Rejects):
     for name in PLAIN_TEXT_COLUMNS:
         arrays[name] = columns[name]
     for name in URL_ENCODED_COLUMNS:
-        arrays[name] = pa.array([_decode(v) for v in columns[name].to_pylist()], pa.string())
+        arrays[name] = _url_decode(columns[name])
     for name in TAG_COLUMNS:
-        arrays[name] = pa.array([_decode_tags(v) for v in columns[name].to_pylist()],
-                                pa.list_(pa.string()))
+        arrays[name] = _decode_tags(columns[name])
     schema = output_schema()
     return pa.table([arrays[field.name] for field in schema], schema=schema)
 
