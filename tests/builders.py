@@ -115,3 +115,35 @@ def tiny_clip_checkpoint(folder: Path) -> Path:
     if not path.exists():
         write_tiny_checkpoint(path)
     return path
+
+
+def write_labeled_dataset(store: ArtifactStore, name: str, buckets: list[str],
+                          class_names: list[str], per_class: int, max_side: int = 48) -> None:
+    """Write a small curated dataset in CLEAR's layout under `datasets/<name>/`.
+
+    Photo ids are unique across buckets and classes. Writes `class_names.txt`,
+    `labeled_images/<bucket>/<class>/<id>.jpg`, `filelists/<bucket>.txt`,
+    `labeled_metadata/<bucket>/<class>.json` and `labeled_metadata.json`.
+    """
+    import json
+
+    prefix = f"datasets/{name}"
+    store.write_text(f"{prefix}/class_names.txt", "\n".join(class_names) + "\n")
+    index = {}
+    photo_id = 1000
+    for bucket in buckets:
+        lines = []
+        index[bucket] = {}
+        for label, class_name in enumerate(class_names):
+            metadata = {}
+            for _ in range(per_class):
+                path = f"labeled_images/{bucket}/{class_name}/{photo_id}.jpg"
+                store.write_bytes(f"{prefix}/{path}", make_jpeg(photo_id, max_side))
+                lines.append(f"{path} {label}")
+                metadata[str(photo_id)] = {"ID": str(photo_id), "IMG_PATH": path}
+                photo_id += 1
+            metadata_path = f"labeled_metadata/{bucket}/{class_name}.json"
+            store.write_text(f"{prefix}/{metadata_path}", json.dumps(metadata))
+            index[bucket][class_name] = metadata_path
+        store.write_text(f"{prefix}/filelists/{bucket}.txt", "\n".join(lines) + "\n")
+    store.write_text(f"{prefix}/labeled_metadata.json", json.dumps(index))
