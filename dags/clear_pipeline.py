@@ -32,7 +32,7 @@ ROOT = ROOT_ARGUMENTS
 CLIP = ["--model", "{{ params.clip_model }}",
         "{{ '--pretrained' if params.clip_pretrained else '--checkpoint' }}",
         "{{ params.clip_pretrained or params.clip_checkpoint }}"]
-DATASET_NAME = "{{ ti.xcom_pull(task_ids='curate')['dataset'] }}"
+DATASET_NAME = "{{ ti.xcom_pull(task_ids='curate')['name'] }}"
 MOCO_RUN = "{{ params.split }}-bucket{{ params.moco_bucket }}-{{ params.moco_arch }}"
 
 with DAG(

@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections import Counter
 
+from tasks.curate_report import format_counts_table
 from tasks.storage import ArtifactStore
 
 # Output groups the main job must produce: (label, key prefix, file suffix).
@@ -23,27 +24,19 @@ EXPECTED = [
 ]
 
 
-def labeled_counts(store: ArtifactStore, keys: list[str]) -> dict[str, Counter]:
-    """Count `datasets/<name>/labeled_images/<bucket>/<class>/<file>` keys per dataset."""
-    counts: dict[str, Counter] = {}
+def labeled_counts(keys: list[str]) -> dict[str, dict[str, dict[str, int]]]:
+    """Count `datasets/<name>/labeled_images/<bucket>/<class>/<file>` keys.
+
+    Returns `{dataset: {bucket: {class: count}}}` with buckets in numeric order.
+    """
+    counts: dict[str, dict[str, Counter]] = {}
     for key in keys:
         parts = key.split("/")
         if len(parts) == 6 and parts[2] == "labeled_images":
-            counts.setdefault(parts[1], Counter())[(parts[3], parts[4])] += 1
-    return counts
-
-
-def format_table(counts: Counter) -> str:
-    buckets = sorted({bucket for bucket, _ in counts}, key=lambda b: (len(b), b))
-    classes = sorted({name for _, name in counts})
-    width = max([len(name) for name in classes] + [5])
-    lines = ["class".ljust(width) + "".join(f"{b:>7}" for b in buckets) + "    total"]
-    for name in classes:
-        row = [counts[(bucket, name)] for bucket in buckets]
-        lines.append(name.ljust(width) + "".join(f"{n:>7}" for n in row) + f"{sum(row):>9}")
-    totals = [sum(counts[(bucket, name)] for name in classes) for bucket in buckets]
-    lines.append("total".ljust(width) + "".join(f"{n:>7}" for n in totals) + f"{sum(totals):>9}")
-    return "\n".join(lines)
+            counts.setdefault(parts[1], {}).setdefault(parts[3], Counter())[parts[4]] += 1
+    return {name: {bucket: dict(by_bucket[bucket])
+                   for bucket in sorted(by_bucket, key=lambda b: (len(b), b))}
+            for name, by_bucket in counts.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:<24} {len(found):>5}  {store.url(prefix)}")
         if not found:
             missing.append(label)
-    datasets = labeled_counts(store, keys)
+    datasets = labeled_counts(keys)
     for name, counts in sorted(datasets.items()):
+        class_names = sorted({n for by_class in counts.values() for n in by_class})
         print(f"\nDataset {name} ({store.url('datasets/' + name)}): labeled images per bucket "
               "and class")
-        print(format_table(counts))
+        print("\n".join(format_counts_table(counts, class_names)))
     if not datasets:
         missing.append("curated dataset with labeled_images/<bucket>/<class>/")
     if missing and args.check:
