@@ -27,7 +27,9 @@ def torchrun_command(argv: list[str]) -> list[str]:
         command += [f"--nnodes={nodes}", f"--node-rank={os.environ.get('CLEAR_NODE_RANK', '0')}",
                     "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
                     f"--rdzv-id={os.environ.get('CLEAR_RDZV_ID', 'clear')}"]
-    return [*command, "-m", "tasks", *argv]
+    # "--" ends torchrun's own options; without it, argparse would read the stage's
+    # `--run` as an abbreviation of torchrun's `--run-path`.
+    return [*command, "-m", "tasks", "--", *argv]
 
 
 def main() -> None:

@@ -112,7 +112,7 @@ class Config:
         if not args.max_aspect_ratio >= 1:
             raise ConfigError(f"--max-aspect-ratio must be at least 1 (a square image), got "
                               f"{args.max_aspect_ratio}")
-        mirror = args.mirror_base_url
+        mirror = args.mirror_base_url or None  # an empty value, as the DAG passes, means none
         if mirror is not None:
             parts = urlsplit(mirror)
             if parts.scheme not in ("http", "https") or not parts.netloc:
