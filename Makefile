@@ -10,7 +10,8 @@ export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
-export CLEAR_ARTIFACT_ROOT := $(ARTIFACT_ROOT)
+# Recursive, so that the target-specific ARTIFACT_ROOT of dag-test applies.
+export CLEAR_ARTIFACT_ROOT = $(ARTIFACT_ROOT)
 export PATH := $(BIN):$(PATH)
 
 .PHONY: setup airflow-db run dag-test test lint bench lock clean
@@ -48,7 +49,8 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check tasks dags plugins tests benchmarks
-	$(BIN)/hadolint --failure-threshold warning $$(find images -name Dockerfile) < /dev/null
+	dockerfiles=$$(find images -name Dockerfile 2>/dev/null); \
+	if [ -n "$$dockerfiles" ]; then $(BIN)/hadolint --failure-threshold warning $$dockerfiles; fi
 
 bench: setup
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done

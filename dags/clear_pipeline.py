@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import DAG, chain
+
 from clear_runtime import arguments_per_item, mapped_stage_task, stage_task
 from clear_runtime.params import pipeline_params
 from clear_runtime.wiring import (

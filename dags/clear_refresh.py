@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import DAG
+
 from clear_runtime.params import metadata_params
 from clear_runtime.wiring import metadata_to_download
 

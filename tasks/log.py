@@ -60,7 +60,8 @@ class ProgressLogger:
         if now - self.last >= self.interval:
             self.last = now
             rate = self.done / max(now - self.started, 1e-9)
-            self.logger.info("%s: %d/%d samples, %.1f samples/s", self.label, self.done, self.total, rate)
+            self.logger.info("%s: %d/%d samples, %.1f samples/s", self.label, self.done,
+                             self.total, rate)
 
     def close(self) -> float:
         """Log the final count and return the elapsed seconds."""

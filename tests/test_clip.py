@@ -6,12 +6,13 @@ import json
 
 import numpy as np
 import pytest
-from builders import make_jpeg, tiny_clip_checkpoint, write_bucket, write_shard
 
 from tasks import clip
 from tasks.cli import main
 from tasks.errors import StageError
 from tasks.storage import ArtifactStore
+
+from builders import make_jpeg, tiny_clip_checkpoint, write_bucket, write_shard
 
 PHOTO_IDS = list(range(1000, 1011))
 CORRUPT_ID = 1004

@@ -7,10 +7,11 @@ import logging
 
 import numpy as np
 import pytest
-from builders import tiny_clip_checkpoint
 
 from tasks import clip_models
 from tasks.errors import ConfigError
+
+from builders import tiny_clip_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import logging
 
 import numpy as np
 import pytest
-from builders import make_jpeg, tiny_clip_checkpoint, write_bucket, write_shard
 from PIL import Image
 
 from tasks import clip, curate
@@ -17,6 +16,8 @@ from tasks.curate_config import parse_concept_config
 from tasks.curate_retrieval import CandidateCollector, select_background, select_positives
 from tasks.errors import ConfigError, StageError
 from tasks.storage import ArtifactStore
+
+from builders import make_jpeg, tiny_clip_checkpoint, write_bucket, write_shard
 
 # Two concepts, A = x axis and B = y axis, and eight planted images (rows).
 # Scores (A, B): r0 (1, 0), r1 (.8, .6), r2 (.6, .8), r3 (0, 1), r4 (.8, .6) a copy of r1,

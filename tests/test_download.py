@@ -19,8 +19,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from builders import make_jpeg, make_photo
-from faulty_server import FaultyServer, Reply
 from PIL import Image
 
 from tasks import download
@@ -30,6 +28,9 @@ from tasks.errors import ConfigError, StageError
 from tasks.images import decode_image
 from tasks.sample_mirror import SampleMirror
 from tasks.storage import ArtifactStore
+
+from builders import make_jpeg, make_photo
+from faulty_server import FaultyServer, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
 # Options that let the small test photos through and keep retries fast.

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import make_jpeg, write_bucket, write_labeled_dataset, write_shard
 
 from tasks.cli import build_stage_parser
 from tasks.errors import ConfigError, StageError
 from tasks.storage import ArtifactStore
+
+from builders import make_jpeg, write_bucket, write_labeled_dataset, write_shard
 
 CLASSES = ["bus", "cat"]
 

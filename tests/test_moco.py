@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import make_jpeg, write_bucket, write_shard
 
 from tasks.cli import build_stage_parser
 from tasks.errors import ConfigError
 from tasks.storage import ArtifactStore
+
+from builders import make_jpeg, write_bucket, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_RUN = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8",

@@ -7,10 +7,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_inputs import mark_downloaded, plan_sample, sample_photos
 from tasks import segment
 from tasks.errors import ConfigError, StageError
 from tasks.storage import ArtifactStore
+
+from pipeline_inputs import mark_downloaded, plan_sample, sample_photos
 
 CLEAR10_RANGES = Path(__file__).parent / "data" / "clear10_time_ranges.json"
 

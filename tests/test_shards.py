@@ -3,10 +3,11 @@ import io
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_inputs import plan_sample, sample_photos
 from tasks import metadata, shards
 from tasks.errors import StageError
 from tasks.storage import ArtifactStore
+
+from pipeline_inputs import plan_sample, sample_photos
 
 
 def planned_ids(root):
