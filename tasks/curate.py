@@ -204,11 +204,11 @@ def run(config: Config) -> dict:
     import tempfile
     from pathlib import Path
 
+    from tasks.clear_layout import dataset_prefix
     from tasks.clip import resolve_device
     from tasks.clip_models import embed_prompts, load_clip
     from tasks.curate_config import load_concept_config
     from tasks.curate_layout import (
-        dataset_prefix,
         finished_buckets,
         read_bucket_metadata,
         write_dataset_index,

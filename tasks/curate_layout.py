@@ -29,10 +29,6 @@ from tasks.storage import ArtifactStore
 logger = logging.getLogger(__name__)
 
 
-def dataset_prefix(name: str) -> str:
-    return f"datasets/{name}"
-
-
 def filelist_key(prefix: str, bucket: str) -> str:
     return f"{prefix}/filelists/{bucket}.txt"
 

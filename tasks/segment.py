@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 
 from tasks.errors import ConfigError, StageError
 from tasks.images import shard_manifest_key, shard_stats_key
+from tasks.options import parse_year_range
 from tasks.shards import PLAN_KEY, shard_key
 from tasks.storage import ArtifactStore, open_input
 
@@ -99,14 +100,7 @@ class Config:
                               "without '/'")
         if args.mode not in MODES:
             raise ConfigError(f"invalid --mode {args.mode!r}; valid modes: {', '.join(MODES)}")
-        try:
-            first, last = (int(part) for part in args.years.split("-"))
-        except ValueError as error:
-            raise ConfigError(f"invalid --years {args.years!r}: expected FIRST-LAST, for "
-                              "example 2004-2014") from error
-        if first > last:
-            raise ConfigError(f"invalid --years {args.years!r}: the first year is after "
-                              "the last")
+        first, last = parse_year_range(args.years)
         if args.buckets < 1:
             raise ConfigError(f"--buckets must be at least 1, got {args.buckets}")
         ranges: tuple = ()

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 from tasks.errors import ConfigError, StageError
 from tasks.metadata import load_metadata
+from tasks.options import parse_year_range
 from tasks.storage import ArtifactStore
 
 logger = logging.getLogger(__name__)
@@ -57,15 +58,7 @@ class Config:
             raise ConfigError(f"--shard-size must be at least 1, got {args.shard_size}")
         min_year = max_year = None
         if args.years:
-            try:
-                first, last = (int(part) for part in args.years.split("-"))
-            except ValueError as error:
-                raise ConfigError(f"invalid --years {args.years!r}: expected FIRST-LAST, "
-                                  "for example 2004-2014") from error
-            if first > last:
-                raise ConfigError(f"invalid --years {args.years!r}: the first year is after "
-                                  "the last")
-            min_year, max_year = first, last
+            min_year, max_year = parse_year_range(args.years)
         if args.max_per_user is not None and args.max_per_user < 1:
             raise ConfigError(f"--max-per-user must be at least 1, got {args.max_per_user}")
         licenses = tuple(name.strip() for name in args.licenses.split(",") if name.strip()) \
