@@ -1,8 +1,11 @@
 """Exact CLIP retrieval of concept images within one bucket, with CLEAR's selection rules.
 
 Scores are inner products of L2-normalized image and prompt embeddings (cosine
-similarity), computed in float64 one feature chunk at a time, so memory grows with the
-candidate lists (concepts x query size), not with the bucket.
+similarity), computed one feature chunk at a time, so memory grows with the candidate
+lists (concepts x query size), not with the bucket. Each chunk is scored in float32 first
+(one BLAS matrix product). Only rows whose float32 score is within the float32 rounding
+bound of entering a list are rescored in float64 (`exact_scores`), so the lists are the
+ones that float64 scores of every row would give.
 
 Selection follows CLEAR's `prepare_concepts.py`:
 
@@ -62,30 +65,130 @@ def _merge(current: RankedList, rows: np.ndarray, scores: np.ndarray, size: int,
     return RankedList(all_rows[order], all_scores[order])
 
 
+def _rounding_bound(dim: int, row_norm: float, text_norm: float) -> float:
+    """Bound the error of a float32 dot product of two vectors given in float64.
+
+    Rounding both inputs to float32 and summing `dim` products in any order errs by at
+    most (dim + 2) * u / (1 - dim * u) * |x| * |y|, with u = 2**-24: the standard
+    forward error bound of a dot product, plus one rounding per input. Using
+    eps = 2 * u in its place doubles that bound for headroom.
+    """
+    eps = float(np.finfo(np.float32).eps)
+    return (dim + 2) * eps / (1 - dim * eps) * row_norm * text_norm
+
+
+def exact_scores(embeddings: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """Return the float64 inner products of each row of `embeddings` with `text`.
+
+    A row-wise sum depends only on the row, unlike a BLAS product whose blocking depends
+    on the batch, so equal embeddings always get equal scores and tie on row order.
+    """
+    return (np.asarray(embeddings, dtype=np.float64) * text).sum(axis=1)
+
+
+def _candidate_indices(keys: np.ndarray, size: int, bound: float | None,
+                       margin: float) -> np.ndarray:
+    """Return the indices whose exact key may rank in the best `size` (highest keys).
+
+    `keys` are float32 estimates within `margin / 2` of the exact keys. `bound` is the
+    exact key of the last row of a full ranked list, or None while it has room.
+    """
+    if bound is None:
+        picked = np.arange(len(keys))
+    else:
+        picked = np.flatnonzero(keys >= bound - margin)
+    if len(picked) > size:
+        # Rows more than `margin` below the size-th best estimate have at least `size`
+        # rows scoring strictly higher, whatever the rounding.
+        kth = np.partition(keys[picked], len(picked) - size)[len(picked) - size]
+        picked = picked[keys[picked] >= kth - margin]
+    return picked
+
+
 class CandidateCollector:
-    """Keep each concept's `top_size` highest and `bottom_size` lowest scoring rows."""
+    """Keep each concept's `top_size` highest and `bottom_size` lowest scoring rows.
+
+    Rescored rows wait in a per-concept buffer and are merged into the ranked list once
+    `size` of them have gathered, or when `top` or `bottom` is read. Filtering against
+    the list's last score before a merge admits more rows than needed, never fewer.
+    """
 
     def __init__(self, text_embeddings: np.ndarray, top_size: int, bottom_size: int):
         self.text = np.asarray(text_embeddings, dtype=np.float64)
+        self.text32 = self.text.astype(np.float32)
+        self.text_norms = np.linalg.norm(self.text, axis=1)
         self.top_size = top_size
         self.bottom_size = bottom_size
-        self.top = [RankedList.empty() for _ in range(len(self.text))]
-        self.bottom = [RankedList.empty() for _ in range(len(self.text))]
+        self._top = [_PendingList(top_size, lowest=False) for _ in range(len(self.text))]
+        self._bottom = [_PendingList(bottom_size, lowest=True) for _ in range(len(self.text))]
         self.samples = 0
+
+    @property
+    def top(self) -> list[RankedList]:
+        return [pending.flush() for pending in self._top]
+
+    @property
+    def bottom(self) -> list[RankedList]:
+        return [pending.flush() for pending in self._bottom]
 
     def add(self, rows: np.ndarray, embeddings: np.ndarray) -> None:
         """Score one chunk: `rows` (n) are bucket row indices of `embeddings` (n x dim)."""
         if len(rows) == 0:
             return
-        scores = np.asarray(embeddings, dtype=np.float64) @ self.text.T  # (n, concepts)
         rows = np.asarray(rows, dtype=np.int64)
+        embeddings = np.asarray(embeddings)
+        embeddings32 = embeddings.astype(np.float32, copy=False)
+        estimates = embeddings32 @ self.text32.T  # (n, concepts)
+        # 1% on top of the largest row norm covers the rounding of the norm itself.
+        row_norm = float(np.sqrt(np.einsum("ij,ij->i", embeddings32, embeddings32).max())) * 1.01
         for concept in range(len(self.text)):
-            self.top[concept] = _merge(self.top[concept], rows, scores[:, concept],
-                                       self.top_size, lowest=False)
+            margin = 2 * _rounding_bound(self.text.shape[1], row_norm, self.text_norms[concept])
+            column = estimates[:, concept]
+            self._update(self._top[concept], rows, embeddings, concept, column, margin)
             if self.bottom_size:
-                self.bottom[concept] = _merge(self.bottom[concept], rows, scores[:, concept],
-                                              self.bottom_size, lowest=True)
+                self._update(self._bottom[concept], rows, embeddings, concept, -column, margin)
         self.samples += len(rows)
+
+    def _update(self, pending: _PendingList, rows: np.ndarray, embeddings: np.ndarray,
+                concept: int, keys: np.ndarray, margin: float) -> None:
+        if pending.size == 0:
+            return
+        picked = _candidate_indices(keys, pending.size, pending.bound(), margin)
+        if len(picked):
+            pending.append(rows[picked], exact_scores(embeddings[picked], self.text[concept]))
+
+
+class _PendingList:
+    """A ranked list of at most `size` rows plus rescored rows not merged into it yet."""
+
+    def __init__(self, size: int, lowest: bool):
+        self.size = size
+        self.lowest = lowest
+        self.ranked = RankedList.empty()
+        self.rows: list[np.ndarray] = []
+        self.scores: list[np.ndarray] = []
+        self.waiting = 0
+
+    def bound(self) -> float | None:
+        """Return the last key (score, negated when lowest) of a full list, else None."""
+        if len(self.ranked.rows) < self.size:
+            return None
+        last = float(self.ranked.scores[-1])
+        return -last if self.lowest else last
+
+    def append(self, rows: np.ndarray, scores: np.ndarray) -> None:
+        self.rows.append(rows)
+        self.scores.append(scores)
+        self.waiting += len(rows)
+        if self.waiting >= self.size:
+            self.flush()
+
+    def flush(self) -> RankedList:
+        if self.waiting:
+            self.ranked = _merge(self.ranked, np.concatenate(self.rows),
+                                 np.concatenate(self.scores), self.size, self.lowest)
+            self.rows, self.scores, self.waiting = [], [], 0
+        return self.ranked
 
 
 def _check_size(picks: list[Pick], needed: int, bucket: str, class_name: str,

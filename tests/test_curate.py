@@ -13,7 +13,12 @@ from PIL import Image
 
 from tasks import clip, curate
 from tasks.curate_config import parse_concept_config
-from tasks.curate_retrieval import CandidateCollector, select_background, select_positives
+from tasks.curate_retrieval import (
+    CandidateCollector,
+    exact_scores,
+    select_background,
+    select_positives,
+)
 from tasks.errors import ConfigError, StageError
 from tasks.storage import ArtifactStore
 
@@ -104,6 +109,31 @@ def test_chunking_does_not_change_candidates():
     whole, chunked = collect(4, 4, chunk=len(IMAGES)), collect(4, 4, chunk=1)
     for a, b in zip(whole.top + whole.bottom, chunked.top + chunked.bottom, strict=True):
         assert a.rows.tolist() == b.rows.tolist()
+
+
+@pytest.mark.parametrize("chunk", [1, 97, 4096])
+def test_float32_prefilter_matches_float64(chunk):
+    rng = np.random.default_rng(5)
+    images = rng.standard_normal((3000, 64)).astype(np.float32)
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    # Exact duplicates tie on every concept; rows nudged by one float32 ulp nearly tie.
+    images[1000:1100] = images[0:100]
+    images[1100:1200] = np.nextafter(images[0:100], np.float32(2))
+    text = rng.standard_normal((4, 64))
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    collector = CandidateCollector(text, 150, 120)
+    for start in range(0, len(images), chunk):
+        rows = np.arange(start, min(start + chunk, len(images)))
+        collector.add(rows, images[rows])
+
+    scores = np.stack([exact_scores(images, t) for t in text], axis=1)
+    rows = np.arange(len(images))
+    for concept in range(len(text)):
+        best = np.lexsort((rows, -scores[:, concept]))[:150]
+        worst = np.lexsort((rows, scores[:, concept]))[:120]
+        assert collector.top[concept].rows.tolist() == best.tolist()
+        assert collector.bottom[concept].rows.tolist() == worst.tolist()
+        assert collector.top[concept].scores == pytest.approx(scores[best, concept], abs=1e-12)
 
 
 CONFIG = {"NAME": "tiny-test", "PREFIX": "a photo of ", "ALLOW_OVERLAP": 1,
