@@ -21,10 +21,13 @@ Outputs under `models/moco/<run>/`: `options.json` (the options the run was star
 with; a restart with other options fails), `checkpoint_NNNN.pth.tar` after every epoch
 (NNNN is the 0-based epoch index, as in the MoCo reference; keys `epoch` (epochs
 completed), `arch`, `state_dict` (keys `module.encoder_q.*`, `module.encoder_k.*`,
-`module.queue`), `optimizer`, `scaler`, `options`, `loss`), and with `--tensorboard`
-event files in `tensorboard/`. A restarted run resumes from the latest checkpoint, so
-an Airflow retry continues training. The randomness of epoch e depends only on
-(seed, e, rank), so a resumed run repeats the steps an uninterrupted run would take.
+`module.queue`), `optimizer`, `scaler`, `rng_state`, `options`, `loss`), and with
+`--tensorboard` event files in `tensorboard/`. A restarted run resumes from the latest
+checkpoint, so an Airflow retry continues training. Every epoch re-seeds the Python,
+NumPy and torch RNGs (and through torch the DataLoader workers) from (seed, epoch,
+rank), so a resumed run repeats the steps an uninterrupted run would take, on every
+rank. `rng_state` therefore only records rank 0's generator states at the end of the
+epoch, for inspection and for tools that expect the key; a resume does not restore it.
 """
 
 from __future__ import annotations
@@ -348,6 +351,9 @@ def build_training_model(config: Config, context):
     model = model.to(context.device)
     if context.device.startswith("cuda"):
         model = model.to(memory_format=torch.channels_last)
+        # Every step has the same input shapes, so cuDNN's algorithm search pays off
+        # after the first steps, as in the MoCo reference.
+        torch.backends.cudnn.benchmark = True
     if context.is_distributed:
         device_ids = [context.local_rank] if context.device.startswith("cuda") else None
         # NOTE: DDP broadcasts buffers (the queue and batch-norm statistics) from rank 0
@@ -383,6 +389,29 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     random.seed(value)
     np.random.seed(value % 2**32)
     torch.manual_seed(value)
+
+
+def capture_rng_state(device: str) -> dict:
+    """Return this process's Python, NumPy and torch RNG states as types weights_only loads.
+
+    NumPy's key array becomes an int64 tensor, so `np.random.set_state((bit_generator,
+    keys.numpy(), position, has_gauss, cached_gaussian))` restores it.
+    """
+    import numpy as np
+    import torch
+
+    bit_generator, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"bit_generator": bit_generator,
+                  "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "position": int(position), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
 def set_learning_rate(optimizer, config: Config, epoch: int) -> float:
@@ -469,6 +498,7 @@ def save_checkpoint(store: ArtifactStore, run_prefix: str, model, optimizer, sca
                            for name, tensor in unwrap(model).state_dict().items()},
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
+            "rng_state": capture_rng_state(context.device),
             "options": config.training_options(),
             "loss": loss,
         }

@@ -104,12 +104,36 @@ def test_checkpoint_has_reference_keys(bucket_root):
     assert summary["last_checkpoint"] == "models/moco/keys/checkpoint_0000.pth.tar"
     path = Path(bucket_root) / summary["last_checkpoint"]
     checkpoint = torch.load(path, weights_only=True)
-    for key in ("epoch", "arch", "state_dict", "optimizer", "scaler", "options"):
+    for key in ("epoch", "arch", "state_dict", "optimizer", "scaler", "rng_state", "options"):
         assert key in checkpoint
     assert checkpoint["epoch"] == 1
     assert checkpoint["arch"] == "resnet18"
     assert "module.encoder_q.fc.2.weight" in checkpoint["state_dict"]
     assert "module.queue" in checkpoint["state_dict"]
+
+
+def test_rng_state_restores_after_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    from tasks.moco import capture_rng_state, seed_epoch
+
+    seed_epoch(3, 1, 0)
+    torch.save({"rng_state": capture_rng_state("cpu")}, tmp_path / "state.pth")
+    expected = (random.random(), np.random.random(), torch.rand(1).item())
+
+    state = torch.load(tmp_path / "state.pth", weights_only=True)["rng_state"]
+    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["bit_generator"], numpy_state["keys"].numpy(),
+                         numpy_state["position"], numpy_state["has_gauss"],
+                         numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+
+    assert random.random() == expected[0]
+    assert np.random.random() == expected[1]
+    assert torch.rand(1).item() == expected[2]
 
 
 def test_resumed_run_repeats_next_step(bucket_root):
