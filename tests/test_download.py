@@ -263,6 +263,22 @@ def test_finished_shard_other_options_rejected(server, artifact_root):
         download.run(make_config(artifact_root, *FAST_OPTIONS, "--min-edge", "32"))
 
 
+def test_finished_shard_new_mirror_is_noop(artifact_root):
+    urls = {6985418911: "http://farm8.staticflickr.com/7205/6985418911_df7747990d.jpg"}
+    write_plan(artifact_root, urls)
+    options = ("--min-size", "100", "--min-edge", "16")
+    with SampleMirror(max_side=64) as mirror:
+        first_url = mirror.base_url
+        download.run(make_config(artifact_root, "--mirror-base-url", first_url, *options))
+
+    with SampleMirror(max_side=64) as other:
+        summary = download.run(make_config(artifact_root, "--mirror-base-url", other.base_url,
+                                           *options))
+
+    assert summary["skipped"] is True
+    assert read_manifest(artifact_root)[6985418911]["url"].startswith(first_url)
+
+
 def test_download_through_sample_mirror(artifact_root):
     urls = {6985418911: "http://farm8.staticflickr.com/7205/6985418911_df7747990d.jpg",
             10201275523: "http://farm6.staticflickr.com/5465/10201275523_3e6ea67c7f.jpg"}

@@ -139,12 +139,16 @@ class Config:
         )
 
     def output_options(self) -> dict:
-        """The options that change what the outputs contain; resumes must match them."""
-        return {"mirror_base_url": self.mirror_base_url, "min_size": self.min_size,
-                "min_edge": self.min_edge, "max_aspect_ratio": self.max_aspect_ratio,
-                "max_pixels": self.max_pixels, "max_bytes": self.max_bytes,
-                "placeholder_sha256": sorted(self.placeholder_sha256),
-                "source": self.source, "s3_mirror_uri": self.s3_mirror_uri}
+        """The options that decide which samples are kept; resumes must match them.
+
+        Where the bytes come from (mirror URL, S3 copy) is left out: every source serves
+        the same photo, and each manifest row records the URL actually fetched, so a
+        mirror on a new port does not invalidate finished work.
+        """
+        return {"min_size": self.min_size, "min_edge": self.min_edge,
+                "max_aspect_ratio": self.max_aspect_ratio, "max_pixels": self.max_pixels,
+                "max_bytes": self.max_bytes,
+                "placeholder_sha256": sorted(self.placeholder_sha256)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -362,7 +366,8 @@ def publish_shard(store: ArtifactStore, config: Config, writer: ShardWriter,
         "options": config.output_options(),
         "settings": {name: value for name, value in asdict(config).items()
                      if name in ("concurrency", "per_host", "timeout", "retries",
-                                 "backoff_base")},
+                                 "backoff_base", "mirror_base_url", "source",
+                                 "s3_mirror_uri")},
     }
     store.write_json(shard_stats_key(config.shard), stats)
     logger.info("shard %s published: %d samples, %s", config.shard, len(rows),
