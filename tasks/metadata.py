@@ -209,16 +209,42 @@ class _Rejects:
         self.rows.append({"line": line_number, "reason": reason, "text": text[:500]})
 
 
+def _decode_utf8(batch, positions, rejects: _Rejects):
+    """Turn the block's binary columns into strings; lines with invalid UTF-8 become rejects."""
+    import pyarrow as pa
+
+    invalid: dict[int, str] = {}
+    for name in DATASET_COLUMNS:
+        try:
+            batch.column(name).cast(pa.string())
+        except pa.ArrowInvalid:
+            for index, value in enumerate(batch.column(name).to_pylist()):
+                try:
+                    value.decode("utf-8")
+                except UnicodeDecodeError:
+                    invalid.setdefault(index, name)
+    if invalid:
+        for index, name in sorted(invalid.items()):
+            rejects.add(rejects.physical_line(positions[index].as_py()),
+                        f"invalid UTF-8 in column {name}",
+                        batch.column(name)[index].as_py().decode("utf-8", "replace"))
+        keep = pa.array([index not in invalid for index in range(batch.num_rows)])
+        batch, positions = batch.filter(keep), positions.filter(keep)
+    strings = pa.schema([(name, pa.string()) for name in DATASET_COLUMNS])
+    return batch.cast(strings), positions
+
+
 def _convert_batch(batch, first_index: int, rejects: _Rejects):
-    """Type one block of raw string columns; rows that cannot be typed become rejects.
+    """Type one block of raw columns; rows that cannot be typed become rejects.
 
     `first_index` is the position of the block's first row among all parsed rows.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    columns = {name: batch.column(name) for name in DATASET_COLUMNS}
     positions = pa.array(range(first_index, first_index + batch.num_rows), pa.int64())
+    batch, positions = _decode_utf8(batch, positions, rejects)
+    columns = {name: batch.column(name) for name in DATASET_COLUMNS}
     digits = "^[0-9]+$"
     valid = pc.and_(pc.match_substring_regex(columns["line_number"], digits),
                     pc.match_substring_regex(columns["photo_id"], digits))
@@ -300,7 +326,9 @@ def convert(path: Path, store: ArtifactStore, version: str, config: Config) -> d
                                      newlines_in_values=False,
                                      invalid_row_handler=handle_invalid_row)
     convert_options = csv.ConvertOptions(
-        column_types={name: pa.string() for name in DATASET_COLUMNS},
+        # Binary, so that one line with invalid UTF-8 becomes a reject instead of failing
+        # the whole block.
+        column_types={name: pa.binary() for name in DATASET_COLUMNS},
         strings_can_be_null=False, quoted_strings_can_be_null=False,
     )
     parts: list[dict] = []
@@ -327,11 +355,22 @@ def convert(path: Path, store: ArtifactStore, version: str, config: Config) -> d
         try:
             reader = csv.open_csv(stream, read_options=read_options,
                                   parse_options=parse_options, convert_options=convert_options)
-        except pa.ArrowInvalid as error:
+        except (pa.ArrowInvalid, OSError) as error:
             raise StageError(f"cannot parse {config.source!r} as tab-separated "
-                             f"yfcc100m_dataset ({error})") from error
+                             f"yfcc100m_dataset ({ascii(str(error)[:200])}); pass a non-empty "
+                             "yfcc100m_dataset file, plain, .bz2 or .gz") from error
         parsed = 0
-        for batch in reader:
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            except (pa.ArrowInvalid, OSError) as error:
+                raise StageError(
+                    f"cannot read {config.source!r} after {parsed} lines: "
+                    f"{ascii(str(error)[:200])}; check that the file is complete and that its "
+                    "name ends in .bz2 or .gz only when it is compressed"
+                ) from error
             table = _convert_batch(batch, parsed, rejects)
             parsed += batch.num_rows
             offset = 0

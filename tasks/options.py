@@ -1,5 +1,7 @@
 """Parsers for option values that several stages share."""
 
+import re
+
 from tasks.errors import ConfigError
 
 
@@ -13,3 +15,15 @@ def parse_year_range(text: str, option: str = "--years") -> tuple[int, int]:
     if first > last:
         raise ConfigError(f"invalid {option} {text!r}: the first year is after the last")
     return first, last
+
+
+# Names that become one path component under the artifact root: no '/', no '.' or '..'.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def validate_name(value: str, option: str) -> str:
+    """Check a split, run or dataset name that becomes a folder under the artifact root."""
+    if not NAME_PATTERN.match(value):
+        raise ConfigError(f"invalid {option} {value!r}: use letters, digits, '.', '_' and '-', "
+                          "starting with a letter or digit")
+    return value

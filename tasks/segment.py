@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 
 from tasks.errors import ConfigError, StageError
 from tasks.images import shard_manifest_key, shard_stats_key
-from tasks.options import parse_year_range
+from tasks.options import parse_year_range, validate_name
 from tasks.shards import PLAN_KEY, shard_key
 from tasks.storage import ArtifactStore, open_input
 
@@ -95,9 +95,7 @@ class Config:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
-        if not args.split or "/" in args.split:
-            raise ConfigError(f"invalid --split {args.split!r}: use a non-empty name "
-                              "without '/'")
+        validate_name(args.split, "--split")
         if args.mode not in MODES:
             raise ConfigError(f"invalid --mode {args.mode!r}; valid modes: {', '.join(MODES)}")
         first, last = parse_year_range(args.years)
@@ -209,10 +207,16 @@ def describe_bucket(split: str, bucket: str, rows) -> dict:
 
 
 def run(config: Config) -> dict:
-    import pyarrow.parquet as pq
-
     store = ArtifactStore(config.artifact_root)
     store.ensure_writable()
+    with store.exclusive(f"buckets/{config.split}.lock"):
+        return segment_split(store, config)
+
+
+def segment_split(store: ArtifactStore, config: Config) -> dict:
+    """Write the split's buckets unless they are up to date; the caller holds its lock."""
+    import pyarrow.parquet as pq
+
     options = json.loads(json.dumps({key: value for key, value in asdict(config).items()
                                      if key != "artifact_root"}))
     table, finished = load_downloaded_samples(store)
@@ -236,10 +240,11 @@ def run(config: Config) -> dict:
     buckets = assign_buckets(table, config)
     empty = [bucket for bucket, rows in buckets if rows.num_rows == 0]
     if empty and not config.allow_empty_buckets:
+        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
         raise StageError(
-            f"buckets {', '.join(empty)} of split {config.split!r} are empty ({config.mode} "
-            f"mode over {table.num_rows} samples); change --years, --buckets or the ranges, "
-            "or pass --allow-empty-buckets"
+            f"{len(empty)} of {len(buckets)} buckets of split {config.split!r} are empty "
+            f"(buckets {shown}; {config.mode} mode over {table.num_rows} samples); change "
+            "--years, --buckets or the ranges, or pass --allow-empty-buckets"
         )
 
     entries = []

@@ -84,6 +84,9 @@ class ArtifactStore:
     """Read and write keys under one artifact root URI, locally or on S3."""
 
     def __init__(self, root: str):
+        if not root.strip():
+            raise StageError("the artifact root is empty; pass --artifact-root with a folder, "
+                             "file:// or s3://bucket/prefix")
         self.root = root.rstrip("/") if root not in ("/", "file:///") else root
         self._client = None
         if is_s3_uri(root):
@@ -156,6 +159,9 @@ class ArtifactStore:
             except FileNotFoundError as error:
                 raise StageError(f"missing artifact {self.url(key)}: run the stage that "
                                  "writes it first") from error
+            except IsADirectoryError as error:
+                raise StageError(f"{self.url(key)} is a folder where a file was expected; "
+                                 "remove it and re-run the stage that writes it") from error
         from botocore.exceptions import ClientError
 
         try:
@@ -168,7 +174,11 @@ class ArtifactStore:
         return response["Body"].read()
 
     def read_json(self, key: str) -> Any:
-        return json.loads(self.read_bytes(key))
+        try:
+            return json.loads(self.read_bytes(key))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise StageError(f"{self.url(key)} is not valid JSON ({error}); it may be "
+                             "truncated: delete it and re-run the stage that writes it") from error
 
     def read_text(self, key: str) -> str:
         return self.read_bytes(key).decode("utf-8")
@@ -267,6 +277,28 @@ class ArtifactStore:
         for key in self.list(prefix):
             self.delete(key)
 
+    @contextlib.contextmanager
+    def exclusive(self, key: str) -> Iterator[None]:
+        """Hold an exclusive lock named `key` for the block, or fail if another process has it.
+
+        NOTE: only local roots are locked (flock on `<root>/<key>`); S3 has no lock, so two
+        runs of one stage on the same S3 prefix must be avoided by the scheduler.
+        """
+        if self.is_s3:
+            yield
+            return
+        import fcntl
+
+        path = self._local(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as error:
+                raise StageError(f"{self.url(key)} is locked by another process running the "
+                                 "same stage; wait for it to finish") from error
+            yield
+
 
 @contextlib.contextmanager
 def open_input(uri: str) -> Iterator[Path]:
@@ -288,6 +320,8 @@ def open_input(uri: str) -> Iterator[Path]:
             yield path
         return
     path = local_path_from_uri(uri)
+    if path.is_dir():
+        raise StageError(f"input {uri!r} is a folder; pass the path of a file")
     if not path.is_file():
         raise StageError(f"input file {uri!r} not found; pass an existing path or s3:// URI")
     if not os.access(path, os.R_OK):

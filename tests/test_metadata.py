@@ -141,3 +141,34 @@ def test_missing_date_taken_is_null_with_flag(tmp_path, artifact_root, sample_ts
     row = metadata.load_metadata(ArtifactStore(artifact_root)).to_pylist()[0]
     assert row["date_taken"] is None
     assert row["date_taken_valid"] is False
+
+
+def test_invalid_utf8_line_is_rejected(tmp_path, artifact_root, sample_tsv):
+    lines = sample_tsv.read_bytes().split(b"\n")
+    fields = lines[4].split(b"\t")
+    fields[8] = b"bad\xff\xfetitle"
+    lines[4] = b"\t".join(fields)
+    source = tmp_path / "bad-utf8.tsv"
+    source.write_bytes(b"\n".join(lines))
+
+    summary = convert(artifact_root, source)
+
+    store = ArtifactStore(artifact_root)
+    manifest = store.read_json(metadata.MANIFEST_KEY)
+    rejects = [json.loads(line) for line in store.read_text(manifest["rejects"]).splitlines()]
+    assert summary["rows"] == 599
+    assert rejects[0]["line"] == 5
+    assert rejects[0]["reason"] == "invalid UTF-8 in column title"
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("empty.tsv", b"", "Empty CSV file"),
+    ("plain.gz", b"0\t1\t2\n", "incorrect header check"),
+    ("truncated.gz", gzip.compress(b"x" * 1000)[:20], "Truncated compressed stream"),
+])
+def test_unreadable_source_fails_clearly(tmp_path, artifact_root, name, data, message):
+    source = tmp_path / name
+    source.write_bytes(data)
+
+    with pytest.raises(StageError, match=message):
+        convert(artifact_root, source)

@@ -130,3 +130,28 @@ def test_ranges_timestamps_are_utc():
         '[{"start": "2004-01-01 11:52:13.0", "end": "2007-04-09 03:27:17.0"}]', "x")
     assert start.replace(tzinfo=None) == datetime(2004, 1, 1, 11, 52, 13)
     assert end.utcoffset().total_seconds() == 0
+
+
+def test_concurrent_segment_is_rejected(downloaded_root):
+    store = ArtifactStore(downloaded_root)
+
+    with store.exclusive("buckets/default.lock"), pytest.raises(StageError, match="locked"):
+        split_with(downloaded_root, mode="equal", buckets=2)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", ""])
+def test_split_name_must_be_one_folder(name):
+    from argparse import Namespace
+
+    args = Namespace(artifact_root="x", split=name, mode="equal", years="2004-2014", buckets=2,
+                     ranges_file="", allow_empty_buckets=False)
+    with pytest.raises(ConfigError, match="invalid --split"):
+        segment.Config.from_args(args)
+
+
+def test_many_empty_buckets_message_is_short(downloaded_root):
+    with pytest.raises(StageError) as error:
+        split_with(downloaded_root, mode="equal", buckets=5000)
+
+    assert len(str(error.value)) < 400
+    assert "empty" in str(error.value)

@@ -76,3 +76,21 @@ def test_open_input_missing_file(tmp_path):
 def test_unsupported_scheme():
     with pytest.raises(StageError, match="unsupported URI scheme"):
         ArtifactStore("gs://bucket/prefix")
+
+
+def test_empty_root_is_rejected():
+    with pytest.raises(StageError, match="artifact root is empty"):
+        ArtifactStore("")
+
+
+def test_truncated_json_names_the_file(artifact_root):
+    store = ArtifactStore(artifact_root)
+    store.write_bytes("x/plan.json", b'{"shards": [')
+
+    with pytest.raises(StageError, match="plan.json is not valid JSON"):
+        store.read_json("x/plan.json")
+
+
+def test_folder_as_input_file(tmp_path):
+    with pytest.raises(StageError, match="is a folder"), open_input(str(tmp_path)):
+        pass
