@@ -16,12 +16,24 @@ from tasks.storage import ArtifactStore
 # Output groups the main job must produce: (label, key prefix, file suffix).
 EXPECTED = [
     ("metadata Parquet parts", "metadata/", ".parquet"),
+    ("shard plans", "shards/", ".parquet"),
     ("shard tars", "images/", ".tar"),
     ("shard manifests", "images/", ".parquet"),
     ("bucket manifests", "buckets/", ".parquet"),
-    ("CLIP embeddings", "features/", ""),
+    ("CLIP embedding chunks", "features/", ".npz"),
     ("MoCo checkpoints", "models/moco/", ".pth.tar"),
 ]
+# Parts of each curated dataset folder: (label, path inside datasets/<name>/).
+DATASET_PARTS = [
+    ("labeled images", "labeled_images/"),
+    ("file lists", "filelists/"),
+    ("backbone features", "features/"),
+    ("train/test splits", "training_folder/"),
+    ("report (counts.csv, contact sheets)", "report/"),
+]
+TINY_MODEL_NOTE = ("NOTE: the embeddings come from the tiny CLIP model with weights from a "
+                   "fixed seed, so the curated classes carry no semantic meaning. Pass a real "
+                   "open_clip model and pretrained tag for real benchmarks.")
 
 
 def labeled_counts(keys: list[str]) -> dict[str, dict[str, dict[str, int]]]:
@@ -57,10 +69,17 @@ def main(argv: list[str] | None = None) -> int:
             missing.append(label)
     datasets = labeled_counts(keys)
     for name, counts in sorted(datasets.items()):
+        prefix = f"datasets/{name}/"
+        print(f"\nDataset {name} at {store.url(prefix)}")
+        for label, part in DATASET_PARTS:
+            found = sum(1 for key in keys if key.startswith(prefix + part))
+            print(f"  {label:<36} {found:>5} files  {store.url(prefix + part)}")
         class_names = sorted({n for by_class in counts.values() for n in by_class})
-        print(f"\nDataset {name} ({store.url('datasets/' + name)}): labeled images per bucket "
-              "and class")
+        print("Labeled images per bucket and class (with ALLOW_OVERLAP one photo may carry "
+              "several labels):")
         print("\n".join(format_counts_table(counts, class_names)))
+    if any(key.split("/")[2:3] == ["clear-tiny"] for key in keys if key.startswith("features/")):
+        print("\n" + TINY_MODEL_NOTE)
     if not datasets:
         missing.append("curated dataset with labeled_images/<bucket>/<class>/")
     if missing and args.check:

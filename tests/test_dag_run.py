@@ -28,17 +28,23 @@ def pipeline_run(tmp_path_factory):
     for args in (["db", "migrate"], ["pools", "set", "clear_gpu", "1", "GPU slots"]):
         result = airflow(args, env)
         assert result.returncode == 0, result.stderr[-3000:]
+    result = run_pipeline(env, home / "dags-test.log")
+    return result, root, env, home
+
+
+def run_pipeline(env, log):
+    # Each call starts the sample mirror on a new port, as a second `make run` would.
     result = subprocess.run(
         [str(REPOSITORY / "scripts" / "with-sample-mirror.sh"), str(BIN / "airflow"), "dags",
          "test", "clear_pipeline"],
         env=env, capture_output=True, text=True, timeout=1500, cwd=REPOSITORY,
     )
-    (home / "dags-test.log").write_text(result.stdout + result.stderr)
-    return result, root
+    log.write_text(result.stdout + result.stderr)
+    return result
 
 
 def test_dag_run_succeeds(pipeline_run):
-    result, _ = pipeline_run
+    result, *_ = pipeline_run
     output = result.stdout + result.stderr
 
     assert result.returncode == 0, output[-5000:]
@@ -47,16 +53,16 @@ def test_dag_run_succeeds(pipeline_run):
 
 
 def test_dag_run_writes_every_stage_output(pipeline_run):
-    _, root = pipeline_run
+    _, root, *_ = pipeline_run
     report = subprocess.run([sys.executable, "-m", "tasks.report", "--artifact-root",
                              str(root), "--check"], capture_output=True, text=True)
 
     assert report.returncode == 0, report.stdout + report.stderr
-    assert "labeled images per bucket and class" in report.stdout
+    assert "Labeled images per bucket and class" in report.stdout
 
 
 def test_dag_run_dataset_layout(pipeline_run):
-    _, root = pipeline_run
+    _, root, *_ = pipeline_run
     store = ArtifactStore(str(root))
     datasets = {key.split("/")[1] for key in store.list("datasets/")}
 
@@ -68,3 +74,18 @@ def test_dag_run_dataset_layout(pipeline_run):
     assert any(key.startswith(f"datasets/{name}/filelists/") for key in keys)
     assert any("/features/" in key for key in keys)
     assert store.list("models/moco/")
+
+
+def test_second_dag_run_changes_nothing(pipeline_run):
+    _, root, env, home = pipeline_run
+    outputs = [path for pattern in ("images/*.tar", "features/*/*/*/chunk-*.npz",
+                                    "models/moco/*/checkpoint_*.pth.tar",
+                                    "datasets/*/labeled_images/*/*/*")
+               for path in root.glob(pattern)]
+    before = {path: path.stat().st_mtime_ns for path in outputs}
+
+    result = run_pipeline(env, home / "dags-test-second.log")
+
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    assert before
+    assert {path: path.stat().st_mtime_ns for path in outputs} == before
