@@ -143,9 +143,16 @@ def run(config: Config) -> dict:
         )
     plan = plan or {"format": PLAN_FORMAT, "options": options, "shards": []}
 
-    table = select_photos(load_metadata(store, SHARD_COLUMNS + ["is_video", "date_taken_valid"]),
-                          config.filters).select(SHARD_COLUMNS)
+    metadata = load_metadata(store, SHARD_COLUMNS + ["is_video", "date_taken_valid"])
+    table = select_photos(metadata, config.filters).select(SHARD_COLUMNS)
     selected = table.num_rows
+    if selected == 0:
+        licenses = sorted(set(metadata["license_name"].to_pylist()))
+        raise StageError(
+            f"no photo of {metadata.num_rows} metadata rows passes the filters "
+            f"{asdict(config.filters)}; check --licenses against the license names in the "
+            f"metadata ({'; '.join(licenses)}) and --years"
+        )
     planned = _planned_photo_ids(store, plan)
     if planned:
         table = table.filter(pc.invert(pc.is_in(table["photo_id"], pa.array(list(planned)))))

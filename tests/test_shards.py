@@ -80,3 +80,10 @@ def test_changed_options_are_rejected(artifact_root, sample_tsv):
 def test_plan_without_metadata_fails_clearly(artifact_root):
     with pytest.raises(StageError, match="run sync-metadata first"):
         shards.run(shards.Config(artifact_root))
+
+
+def test_filters_matching_nothing_are_rejected(artifact_root, sample_tsv):
+    with pytest.raises(StageError, match="Attribution License"):
+        plan_sample(artifact_root, sample_tsv, licenses=("Nonexistent",))
+
+    assert not ArtifactStore(artifact_root).exists(shards.PLAN_KEY)
