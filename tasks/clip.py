@@ -13,6 +13,13 @@ DataLoader workers, and writes under `features/<split>/<model-slug>/<bucket>/`:
 - `manifest.json`: written last, as the commit marker. It contains the model identity,
   the chunk list, the embedded and failed sample counts and each failure.
 
+JPEGs are decoded at a reduced scale when both sides stay at least the model's input
+size (Pillow's `Image.draft`, which scales in the DCT by 1/2, 1/4 or 1/8), so the
+resize that follows never enlarges an image. This cuts decoding and resizing time for
+photos at least twice the input size, and it changes their embeddings slightly against
+a full decode. `--no-jpeg-draft` restores the full decode that the original CLEAR code
+used, and `options.json` records the choice.
+
 Both embeddings stay float32. Curation ranks whole buckets by cosine score, and float16
 storage would add errors near 1e-3, larger than the gaps between neighbouring scores
 near the top of a large bucket, so it could reorder the kept images. The cost is
@@ -31,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.errors import ConfigError, StageError
-from tasks.images import ShardReader, decode_image, shard_tar_key
+from tasks.images import ShardReader, shard_tar_key
 from tasks.log import ProgressLogger
 from tasks.storage import ArtifactStore
 
@@ -72,6 +79,7 @@ class Config:
     precision: str = "auto"
     max_chunks: int | None = None
     cache_dir: str | None = None
+    jpeg_draft: bool = True
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
@@ -90,7 +98,8 @@ class Config:
                    model=args.model, pretrained=pretrained, checkpoint=checkpoint,
                    batch_size=args.batch_size, workers=args.workers, device=args.device,
                    chunk_size=args.chunk_size, precision=args.precision,
-                   max_chunks=args.max_chunks, cache_dir=args.cache_dir)
+                   max_chunks=args.max_chunks, cache_dir=args.cache_dir,
+                   jpeg_draft=args.jpeg_draft)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +128,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-chunks", type=int, default=None,
                         help="debugging: stop after writing this many chunks in this run, "
                         "leaving the bucket unfinished")
+    parser.add_argument("--jpeg-draft", action=argparse.BooleanOptionalAction, default=True,
+                        help="decode JPEGs at 1/2, 1/4 or 1/8 scale when both sides stay at "
+                        "least the model's input size; --no-jpeg-draft decodes at full size "
+                        "like the original CLEAR code (default: on)")
     parser.add_argument("--cache-dir", default=None,
                         help="local folder for shard tars fetched from S3 (default: a "
                         "temporary folder)")
@@ -147,13 +160,32 @@ def resolve_precision(requested: str, device: str) -> str:
     return requested
 
 
+def decode_for_model(data: bytes, draft_size: int | None):
+    """Decode image bytes into an RGB PIL image with its EXIF orientation applied.
+
+    Does what `tasks.images.decode_image` does, except that with `draft_size` a JPEG is
+    decoded at the smallest DCT scale whose width and height are both at least
+    `draft_size`. Raises PIL.UnidentifiedImageError or OSError for unreadable bytes.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as image:
+        if draft_size is not None and image.format == "JPEG":
+            # A square request keeps both sides large enough whatever the EXIF rotation.
+            image.draft("RGB", (draft_size, draft_size))
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+
+
 class BucketImages:
     """Map-style dataset over bucket manifest rows: (photo id, image tensor or None, error)."""
 
-    def __init__(self, rows: list[dict], reader: ShardReader, preprocess):
+    def __init__(self, rows: list[dict], reader: ShardReader, preprocess,
+                 draft_size: int | None = None):
         self.rows = rows
         self.reader = reader
         self.preprocess = preprocess
+        self.draft_size = draft_size
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -164,7 +196,7 @@ class BucketImages:
         row = self.rows[index]
         try:
             data = self.reader.read(row["shard"], row["offset"], row["bytes"])
-            image = decode_image(data)
+            image = decode_for_model(data, self.draft_size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             # Pillow raises these for corrupt or truncated files; a truncated shard raises
             # OSError from the reader.
@@ -203,14 +235,24 @@ def photo_ids_digest(rows: list[dict]) -> str:
     return hashlib.sha256(ids.tobytes()).hexdigest()
 
 
+OPTIONS_ADDED_LATER = {"jpeg_draft": False}
+
+
 def check_options(store: ArtifactStore, prefix: str, options: dict) -> None:
     """Write `options.json`, or fail when the folder was started with other options."""
     key = f"{prefix}/options.json"
     if store.exists(key):
-        existing = store.read_json(key)
+        # Folders written before an option existed were made with its old behaviour.
+        existing = {**OPTIONS_ADDED_LATER, **store.read_json(key)}
         if existing != options:
             changed = sorted(k for k in options.keys() | existing.keys()
                              if existing.get(k) != options.get(k))
+            if "bucket_photo_ids_sha256" in changed:
+                raise StageError(
+                    f"the samples of this bucket changed since {store.url(prefix)} was "
+                    "embedded (segment ran again over more shards); delete that folder to "
+                    "embed the bucket again"
+                )
             details = ", ".join(f"{k}: {existing.get(k)!r} -> {options.get(k)!r}"
                                 for k in changed)
             raise StageError(f"{store.url(prefix)} already contains embeddings made with other "
@@ -277,7 +319,11 @@ def embed_pending_chunks(config: Config, store: ArtifactStore, clip, rows: list[
         for shard in sorted({rows[i]["shard"] for _, indices in batches for i in indices}):
             reader.read(shard, 0, 0)
         reader.close()
-    dataset = BucketImages(rows, reader, clip.preprocess)
+    # NOTE: decoding stays on the CPU here, in DataLoader workers. Decoding with nvJPEG
+    # on the GPU, as benchmarks/clip_gpu.py does, has not been run on a GPU yet, and
+    # torchvision 0.29's GPU decoder needs its own CUDA stream to be safe.
+    dataset = BucketImages(rows, reader, clip.preprocess,
+                           draft_size=clip.image_size if config.jpeg_draft else None)
     loader = DataLoader(dataset, batch_sampler=[indices for _, indices in batches],
                         num_workers=config.workers, collate_fn=collate_samples,
                         pin_memory=device == "cuda",
@@ -353,7 +399,8 @@ def run(config: Config) -> dict:
     clip = load_clip(config.model, config.pretrained, config.checkpoint, device=device)
     options = {"format": OPTIONS_FORMAT, **clip.identity(), "precision": precision,
                "split": config.split, "bucket": config.bucket, "chunk_size": config.chunk_size,
-               "bucket_samples": len(rows), "bucket_photo_ids_sha256": photo_ids_digest(rows)}
+               "bucket_samples": len(rows), "bucket_photo_ids_sha256": photo_ids_digest(rows),
+               "jpeg_draft": config.jpeg_draft}
 
     manifest_key = f"{prefix}/manifest.json"
     check_options(store, prefix, options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -125,3 +126,38 @@ def test_missing_bucket_lists_known(bucket_store, tiny_checkpoint):
 def test_batches_never_span_chunks():
     batches = clip.plan_batches([0, 2], total=11, chunk_size=4, batch_size=3)
     assert batches == [(0, [0, 1, 2]), (0, [3]), (2, [8, 9, 10])]
+
+
+def test_jpeg_draft_keeps_input_size():
+    from PIL import Image
+
+    data = make_jpeg(1000, max_side=500)
+    full = clip.decode_for_model(data, draft_size=None)
+    drafted = clip.decode_for_model(data, draft_size=32)
+    assert full.size == Image.open(io.BytesIO(data)).size
+    assert min(drafted.size) >= 32
+    assert drafted.size[0] < full.size[0]
+    assert drafted.mode == "RGB"
+
+    # EXIF orientation 6 (rotated 90 degrees) swaps width and height after the draft.
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(io.BytesIO(data)).save(buffer, format="JPEG", exif=exif)
+    rotated = clip.decode_for_model(buffer.getvalue(), draft_size=32)
+    assert rotated.size == drafted.size[::-1]
+
+
+def test_jpeg_draft_recorded_in_options(bucket_store, tiny_checkpoint):
+    clip.run(make_config(bucket_store, tiny_checkpoint, max_chunks=1))
+    assert bucket_store.read_json(f"{FEATURES}/options.json")["jpeg_draft"] is True
+    with pytest.raises(StageError, match="jpeg_draft"):
+        clip.run(make_config(bucket_store, tiny_checkpoint, jpeg_draft=False))
+
+
+def test_no_jpeg_draft_flag(bucket_store, tiny_checkpoint):
+    code = main(["extract-clip", "--artifact-root", bucket_store.root, "--bucket", "0",
+                 "--model", "clear-tiny", "--checkpoint", str(tiny_checkpoint),
+                 "--workers", "0", "--device", "cpu", "--no-jpeg-draft"])
+    assert code == 0
+    assert bucket_store.read_json(f"{FEATURES}/options.json")["jpeg_draft"] is False
