@@ -60,10 +60,6 @@ def chunk_key(prefix: str, index: int) -> str:
     return f"{prefix}/chunk-{index:05d}.npz"
 
 
-def bucket_manifest_key(split: str, bucket: str) -> str:
-    return f"buckets/{split}/bucket-{bucket}.parquet"
-
-
 @dataclass(frozen=True)
 class Config:
     artifact_root: str
@@ -218,13 +214,9 @@ def collate_samples(samples):
 def read_bucket_rows(store: ArtifactStore, split: str, bucket: str) -> list[dict]:
     import pyarrow.parquet as pq
 
-    key = bucket_manifest_key(split, bucket)
-    if not store.exists(key):
-        summary = f"buckets/{split}/summary.json"
-        known = [b["id"] for b in store.read_json(summary)["buckets"]] \
-            if store.exists(summary) else []
-        raise StageError(f"bucket {bucket!r} of split {split!r} not found at {store.url(key)}; "
-                         f"known buckets: {', '.join(known) or 'none (run segment first)'}")
+    from tasks.segment import find_bucket_key
+
+    key = find_bucket_key(store, split, bucket)
     table = pq.read_table(io.BytesIO(store.read_bytes(key)),
                           columns=["photo_id", "shard", "offset", "bytes"])
     return table.to_pylist()

@@ -33,13 +33,9 @@ DECODE_FAILURE_LOG_EVERY = 100
 
 def bucket_manifest_key(store: ArtifactStore, split: str, bucket: str) -> str:
     """Look up the manifest key of `bucket` in `buckets/<split>/summary.json`."""
-    summary = store.read_json(f"buckets/{split}/summary.json")
-    entries = {entry["id"]: entry for entry in summary.get("buckets", [])}
-    if bucket not in entries:
-        valid = ", ".join(entries) or "none"
-        raise StageError(f"bucket {bucket!r} not found in buckets/{split}/summary.json; "
-                         f"valid buckets: {valid}")
-    return entries[bucket]["key"]
+    from tasks.segment import find_bucket_key
+
+    return find_bucket_key(store, split, bucket)
 
 
 class RandomGaussianBlur:

@@ -42,8 +42,20 @@ def summary_key(split: str) -> str:
     return f"buckets/{split}/summary.json"
 
 
-def bucket_key(split: str, bucket: str) -> str:
-    return f"buckets/{split}/bucket-{bucket}.parquet"
+def bucket_key(split: str, version: str, bucket: str) -> str:
+    return f"buckets/{split}/{version}/bucket-{bucket}.parquet"
+
+
+def find_bucket_key(store: ArtifactStore, split: str, bucket: str) -> str:
+    """Look up the manifest key of `bucket` in the split's committed summary."""
+    key = summary_key(split)
+    if not store.exists(key):
+        raise StageError(f"split {split!r} not found at {store.url(key)}: run segment first")
+    entries = {entry["id"]: entry for entry in store.read_json(key)["buckets"]}
+    if bucket not in entries:
+        raise StageError(f"bucket {bucket!r} not found in split {split!r}; valid buckets: "
+                         f"{', '.join(entries) or 'none'}")
+    return entries[bucket]["key"]
 
 
 def parse_time(text: str) -> datetime:
@@ -193,10 +205,10 @@ def assign_buckets(table, config: Config) -> list[tuple[str, object]]:
     return buckets
 
 
-def describe_bucket(split: str, bucket: str, rows) -> dict:
+def describe_bucket(key: str, bucket: str, rows) -> dict:
     import pyarrow.compute as pc
 
-    entry = {"id": bucket, "key": bucket_key(split, bucket), "samples": rows.num_rows}
+    entry = {"id": bucket, "key": key, "samples": rows.num_rows}
     if rows.num_rows:
         uploaded = pc.min_max(rows["date_uploaded"])
         lines = pc.min_max(rows["line_number"])
@@ -247,15 +259,21 @@ def segment_split(store: ArtifactStore, config: Config) -> dict:
             "--years, --buckets or the ranges, or pass --allow-empty-buckets"
         )
 
+    # Bucket files go to a folder named after their inputs and options, and the summary,
+    # written last, switches readers to it; a re-segment never rewrites files in use.
+    version = "v-" + hashlib.sha256(json.dumps([inputs, options]).encode()).hexdigest()[:12]
     entries = []
     for bucket, rows in buckets:
-        with store.staged_file(bucket_key(config.split, bucket)) as path:
+        rows_key = bucket_key(config.split, version, bucket)
+        with store.staged_file(rows_key) as path:
             pq.write_table(rows, path)
-        entries.append(describe_bucket(config.split, bucket, rows))
+        entries.append(describe_bucket(rows_key, bucket, rows))
         logger.info("split %s bucket %s: %d samples %s .. %s", config.split, bucket,
                     rows.num_rows, entries[-1].get("first_upload"), entries[-1].get("last_upload"))
     store.write_json(key, {"split": config.split, "mode": config.mode, "options": options,
-                           "inputs": inputs, "shards": finished, "samples": table.num_rows,
-                           "buckets": entries})
+                           "inputs": inputs, "version": version, "shards": finished,
+                           "samples": table.num_rows, "buckets": entries})
+    if previous is not None and previous.get("version") not in (None, version):
+        store.delete_prefix(f"buckets/{config.split}/{previous['version']}/")
     return {"split": config.split, "buckets": [entry["id"] for entry in entries],
             "samples": table.num_rows, "changed": True}

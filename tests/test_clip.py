@@ -119,7 +119,7 @@ def test_rerun_with_other_options_fails(bucket_store, tiny_checkpoint):
 
 
 def test_missing_bucket_lists_known(bucket_store, tiny_checkpoint):
-    with pytest.raises(StageError, match="known buckets: 0"):
+    with pytest.raises(StageError, match="valid buckets: 0"):
         clip.run(make_config(bucket_store, tiny_checkpoint, bucket="7"))
 
 

@@ -28,7 +28,7 @@ def split_with(root, **options) -> dict:
 
 
 def bucket_ids(root, split, bucket) -> list[int]:
-    key = segment.bucket_key(split, bucket)
+    key = segment.find_bucket_key(ArtifactStore(root), split, bucket)
     return pq.read_table(io.BytesIO(ArtifactStore(root).read_bytes(key)))["photo_id"].to_pylist()
 
 
@@ -155,3 +155,22 @@ def test_many_empty_buckets_message_is_short(downloaded_root):
 
     assert len(str(error.value)) < 400
     assert "empty" in str(error.value)
+
+
+def test_new_shard_makes_new_bucket_version(artifact_root, sample_tsv):
+    plan_sample(artifact_root, sample_tsv)
+    mark_downloaded(artifact_root)
+    store = ArtifactStore(artifact_root)
+    store.delete("images/shard-00002.stats.json")
+    split_with(artifact_root, mode="equal", buckets=2)
+    first = store.read_json(segment.summary_key("default"))
+    mark_downloaded(artifact_root)
+
+    summary = split_with(artifact_root, mode="equal", buckets=2)
+
+    second = store.read_json(segment.summary_key("default"))
+    assert summary["changed"] is True
+    assert second["version"] != first["version"]
+    assert second["samples"] == len(sample_photos(sample_tsv)) > first["samples"]
+    assert not store.list(f"buckets/default/{first['version']}/")
+    assert all(store.exists(bucket["key"]) for bucket in second["buckets"])
