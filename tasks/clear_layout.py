@@ -4,7 +4,9 @@ A dataset lives under `datasets/<NAME>/` in the artifact root. The pieces read h
 
 - `class_names.txt`: one class name per line; the line number is the class index;
 - `filelists/<bucket>.txt`: one labeled sample per line, `<path> <class index>`, where
-  the path is relative to the dataset folder, `labeled_images/<bucket>/<class>/<id>.<ext>`.
+  the path is relative to the dataset folder, `labeled_images/<bucket>/<class>/<id>.<ext>`;
+- `labeled_metadata.json`: written at the end of a curate run, so it marks the dataset
+  finished; its keys are the buckets to read.
 
 The file name's stem is the sample's photo id, which is how CLEAR keys features.
 """
@@ -19,6 +21,7 @@ from tasks.errors import ConfigError, StageError
 from tasks.storage import ArtifactStore
 
 DATASET_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+DATASET_INDEX = "labeled_metadata.json"
 
 
 @dataclass(frozen=True)
@@ -56,22 +59,38 @@ def bucket_sort_key(bucket: str) -> tuple[int, int | str]:
 
 
 def list_buckets(store: ArtifactStore, prefix: str) -> list[str]:
-    """List the bucket ids that have a `filelists/<bucket>.txt`, in numeric order."""
-    buckets = []
-    for key in store.list(f"{prefix}/filelists/"):
-        name = PurePosixPath(key).name
-        if key == f"{prefix}/filelists/{name}" and name.endswith(".txt"):
-            buckets.append(name.removesuffix(".txt"))
-    if not buckets:
-        raise StageError(f"no file lists found under {store.url(prefix + '/filelists/')}; "
-                         "run the curate stage for this dataset first")
-    return sorted(buckets, key=bucket_sort_key)
+    """List the buckets of a finished dataset, in numeric order, from its index.
+
+    The index is written when a curate run ends. A bucket that a killed curate run
+    finished after that has a filelist but is not listed, and is not read.
+    """
+    index_key = f"{prefix}/{DATASET_INDEX}"
+    name = prefix.rsplit("/", 1)[-1]
+    if not store.exists(index_key):
+        raise StageError(f"dataset {name} is not finished: {store.url(index_key)} is missing; "
+                         f"run curate with the concept config whose NAME is {name} until it "
+                         "succeeds first")
+    index = store.read_json(index_key)
+    if not isinstance(index, dict) or not index:
+        raise StageError(f"{store.url(index_key)} lists no buckets; run curate with the "
+                         f"concept config whose NAME is {name} again")
+    buckets = sorted(index, key=bucket_sort_key)
+    missing = [bucket for bucket in buckets if not store.exists(filelist_key(prefix, bucket))]
+    if missing:
+        raise StageError(f"dataset {name} lists bucket(s) {', '.join(missing)} in "
+                         f"{store.url(index_key)} but has no file list for them; run curate "
+                         f"with the concept config whose NAME is {name} again")
+    return buckets
+
+
+def filelist_key(prefix: str, bucket: str) -> str:
+    return f"{prefix}/filelists/{bucket}.txt"
 
 
 def read_filelist(store: ArtifactStore, prefix: str, bucket: str,
                   class_names: list[str]) -> list[LabeledSample]:
     """Read the labeled samples of one bucket, in file order."""
-    key = f"{prefix}/filelists/{bucket}.txt"
+    key = filelist_key(prefix, bucket)
     samples = []
     for number, line in enumerate(store.read_text(key).splitlines(), start=1):
         if not line.strip():

@@ -22,14 +22,16 @@ import hashlib
 import io
 import logging
 import os
+import pickle
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import ConfigError, StageError
+from tasks.errors import ConfigError, StageError, one_line_reason
 from tasks.storage import open_input
 
 logger = logging.getLogger(__name__)
@@ -173,7 +175,8 @@ def load_clip(name: str, pretrained: str | None = None, checkpoint: str | None =
         try:
             with open_input(checkpoint) as path:
                 sha256 = file_sha256(path)
-                model, preprocess = _create(open_clip_name, str(path), device, quick_gelu)
+                model, preprocess = _create_from_checkpoint(open_clip_name, path, checkpoint,
+                                                            device)
         except StageError as error:
             raise ConfigError(f"cannot read checkpoint of model {name!r}: {error}") from error
     else:
@@ -199,6 +202,24 @@ def load_clip(name: str, pretrained: str | None = None, checkpoint: str | None =
     return loaded
 
 
+def _create_from_checkpoint(open_clip_name: str, path: Path, checkpoint: str, device: str):
+    """Build the model with the state dict in `path`, the local copy of `checkpoint`."""
+    import open_clip
+
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            open_clip_name, pretrained=str(path), device=device)
+    except (RuntimeError, EOFError, IsADirectoryError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as error:
+        # torch.load raises UnpicklingError or EOFError for a file that is not a
+        # checkpoint, RuntimeError for a broken zip archive, and open_clip raises
+        # RuntimeError when the state dict does not fit the architecture.
+        raise StageError(f"cannot load checkpoint {checkpoint!r} into open_clip model "
+                         f"{open_clip_name!r} ({one_line_reason(error)}); pass a state dict "
+                         "saved with torch.save for this model") from error
+    return model, preprocess
+
+
 def _create(open_clip_name: str, weights: str, device: str, quick_gelu: bool):
     import open_clip
 
@@ -207,9 +228,9 @@ def _create(open_clip_name: str, weights: str, device: str, quick_gelu: bool):
             open_clip_name, pretrained=weights, device=device, force_quick_gelu=quick_gelu)
     except RuntimeError as error:
         # open_clip raises RuntimeError for failed downloads and mismatched state dicts.
-        raise StageError(f"cannot load weights {weights!r} into open_clip model "
-                         f"{open_clip_name!r}: {error}; check the network or pass a local "
-                         "--checkpoint") from error
+        raise StageError(f"cannot load pretrained weights {weights!r} into open_clip model "
+                         f"{open_clip_name!r} ({one_line_reason(error)}); check the network "
+                         "or pass a local --checkpoint") from error
     return model, preprocess
 
 

@@ -7,7 +7,9 @@ per bucket with CLEAR's rules (tasks/curate_retrieval.py), and writes
 `datasets/<NAME>/` (tasks/curate_layout.py) plus a report of counts and contact sheets
 (tasks/curate_report.py).
 
-A bucket whose filelist exists is finished and skipped on a re-run. A re-run with a
+A bucket whose filelist exists is finished and skipped on a re-run. The embeddings of
+every bucket to curate are checked before anything is written. While no bucket of NAME
+is finished, a re-run may change the config or model. Once one is, a re-run with a
 different config or model into the same NAME fails instead of mixing two datasets.
 """
 
@@ -100,45 +102,61 @@ def select_buckets(store: ArtifactStore, config: Config) -> list[str]:
     if unknown:
         raise ConfigError(f"unknown bucket id(s) {', '.join(unknown)} for split "
                           f"{config.split!r}; known buckets: {', '.join(known)}")
-    return [b for b in requested if b not in config.exclude_buckets]
+    selected = [b for b in requested if b not in config.exclude_buckets]
+    if not selected:
+        if config.buckets is not None:
+            scope = f"--buckets {','.join(requested)}"
+        else:
+            scope = f"split {config.split!r}"
+        raise ConfigError(f"no bucket left to curate: --exclude-buckets "
+                          f"{','.join(config.exclude_buckets)} leaves out every bucket of "
+                          f"{scope}; exclude fewer buckets")
+    return selected
 
 
 def check_dataset_identity(store: ArtifactStore, prefix: str, raw_config: dict,
-                           options: dict) -> None:
-    """Record the config and model of a dataset, or fail when they differ from a re-run's."""
+                           options: dict, finished: list[str]) -> None:
+    """Record the config and model of a dataset, or fail when they differ from a re-run's.
+
+    Files of a dataset without a finished bucket are replaced: nothing was curated
+    with them, so a run that failed early does not pin its config.
+    """
+    to_write = {}
     for name, expected in (("concept_group_dict.json", raw_config),
                            ("curate_options.json", options)):
         key = f"{prefix}/{name}"
-        if store.exists(key):
-            existing = store.read_json(key)
-            if existing != expected:
-                changed = sorted(k for k in existing.keys() | expected.keys()
-                                 if existing.get(k) != expected.get(k))
-                raise StageError(f"dataset {store.url(prefix)} was curated with a different "
-                                 f"{name} (keys that differ: {', '.join(changed)}); use "
-                                 "another NAME or delete that folder")
-    for name, value in (("concept_group_dict.json", raw_config),
-                        ("curate_options.json", options)):
-        if not store.exists(f"{prefix}/{name}"):
-            store.write_json(f"{prefix}/{name}", value)
+        existing = store.read_json(key) if store.exists(key) else None
+        if existing == expected:
+            continue
+        to_write[key] = expected
+        if existing is None:
+            continue
+        changed = sorted(k for k in existing.keys() | expected.keys()
+                         if existing.get(k) != expected.get(k))
+        if finished:
+            raise StageError(f"dataset {store.url(prefix)} has finished bucket(s) "
+                             f"{', '.join(finished)}, curated with a different {name} (keys "
+                             f"that differ: {', '.join(changed)}); run with the same config "
+                             "and model, use another NAME, or delete that folder")
+        logger.info("dataset %s has no finished bucket; replacing its %s (keys that differ: "
+                    "%s)", store.url(prefix), name, ", ".join(changed))
+    for key, value in to_write.items():
+        store.write_json(key, value)
 
 
 def read_bucket_table(store: ArtifactStore, split: str, bucket: str) -> list[dict]:
     import pyarrow.parquet as pq
 
-    from tasks.clip import bucket_manifest_key
+    from tasks.segment import find_bucket_key
 
-    return pq.read_table(io.BytesIO(store.read_bytes(bucket_manifest_key(split, bucket)))
+    return pq.read_table(io.BytesIO(store.read_bytes(find_bucket_key(store, split, bucket)))
                          ).to_pylist()
 
 
-def collect_candidates(store: ArtifactStore, config: Config, clip_identity: dict,
-                       bucket: str, rows: list[dict], text, top_size: int, bottom_size: int):
-    """Score every embedded sample of a bucket against the prompts, one chunk at a time."""
-    import numpy as np
-
-    from tasks.clip import features_prefix, read_chunk
-    from tasks.curate_retrieval import CandidateCollector
+def read_embedding_manifest(store: ArtifactStore, config: Config, clip_identity: dict,
+                            bucket: str) -> dict:
+    """Read the manifest of a bucket's finished embeddings, checking they match the model."""
+    from tasks.clip import features_prefix
 
     prefix = features_prefix(config.split, config.model, bucket)
     manifest_key = f"{prefix}/manifest.json"
@@ -154,6 +172,16 @@ def collect_candidates(store: ArtifactStore, config: Config, clip_identity: dict
         raise StageError(f"embeddings of bucket {bucket} were made with other model options "
                          f"({found}) than curate uses ({expected}); pass the same --model, "
                          "--pretrained or --checkpoint as extract-clip")
+    return manifest
+
+
+def collect_candidates(store: ArtifactStore, bucket: str, manifest: dict, rows: list[dict],
+                       text, top_size: int, bottom_size: int):
+    """Score every embedded sample of a bucket against the prompts, one chunk at a time."""
+    import numpy as np
+
+    from tasks.clip import read_chunk
+    from tasks.curate_retrieval import CandidateCollector
 
     row_of = {row["photo_id"]: index for index, row in enumerate(rows)}
     collector = CandidateCollector(text, top_size, bottom_size)
@@ -171,27 +199,28 @@ def collect_candidates(store: ArtifactStore, config: Config, clip_identity: dict
     return collector
 
 
-def curate_bucket(store: ArtifactStore, config: Config, concepts, clip_identity: dict,
+def curate_bucket(store: ArtifactStore, config: Config, concepts, manifest: dict,
                   text, bucket: str, prefix: str, reader) -> None:
     from tasks.curate_config import BACKGROUND
-    from tasks.curate_layout import write_bucket
+    from tasks.curate_layout import remove_bucket_leftovers, write_bucket
     from tasks.curate_report import contact_sheet
     from tasks.curate_retrieval import select_background, select_positives
 
+    remove_bucket_leftovers(store, prefix, bucket)
     rows = read_bucket_table(store, config.split, bucket)
     top_size = concepts.class_size if concepts.allow_overlap else concepts.query_size
     bottom_size = concepts.query_size if concepts.background else 0
-    collector = collect_candidates(store, config, clip_identity, bucket, rows, text,
-                                   top_size, bottom_size)
+    collector = collect_candidates(store, bucket, manifest, rows, text, top_size, bottom_size)
 
     concept_names = [concept.class_name for concept in concepts.concepts]
     positives = select_positives(collector.top, concepts.class_size, concepts.allow_overlap,
-                                 concept_names, bucket, config.allow_small_classes)
+                                 concept_names, bucket, config.allow_small_classes,
+                                 bucket_size=collector.samples)
     selection = dict(zip(concept_names, positives, strict=True))
     if concepts.background:
         selection[BACKGROUND] = select_background(
             collector.bottom, positives, concepts.class_size, concepts.background_per_concept,
-            concept_names, bucket, config.allow_small_classes)
+            concept_names, bucket, config.allow_small_classes, bucket_size=collector.samples)
 
     images = write_bucket(store, prefix, bucket, selection, rows, concepts.class_names,
                           concepts.prompts, reader)
@@ -220,17 +249,23 @@ def run(config: Config) -> dict:
     concepts = load_concept_config(config.config_path)
     prefix = dataset_prefix(concepts.name)
     buckets = select_buckets(store, config)
+    finished = finished_buckets(store, prefix)
+    done = set(finished)
 
+    # Everything that can be checked before curating is checked before anything is
+    # written. Finished buckets are skipped, so their embeddings are not needed.
     clip = load_clip(config.model, config.pretrained, config.checkpoint,
                      device=resolve_device(config.device))
     clip_identity = clip.identity()
+    manifests = {bucket: read_embedding_manifest(store, config, clip_identity, bucket)
+                 for bucket in buckets if bucket not in done}
     check_dataset_identity(store, prefix, concepts.raw,
-                           {"format": OPTIONS_FORMAT, "split": config.split, **clip_identity})
+                           {"format": OPTIONS_FORMAT, "split": config.split, **clip_identity},
+                           finished)
     store.write_text(f"{prefix}/class_names.txt", "\n".join(concepts.class_names))
     text = embed_prompts(clip.model, clip.tokenizer, concepts.prompts,
                          list(concepts.templates) if concepts.templates else None)
 
-    done = set(finished_buckets(store, prefix))
     curated, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="clear-shards-") as cache:
         reader = ShardReader(store, Path(cache))
@@ -240,7 +275,8 @@ def run(config: Config) -> dict:
                             concepts.name)
                 skipped.append(bucket)
                 continue
-            curate_bucket(store, config, concepts, clip_identity, text, bucket, prefix, reader)
+            curate_bucket(store, config, concepts, manifests[bucket], text, bucket, prefix,
+                          reader)
             logger.info("bucket %s of dataset %s curated", bucket, concepts.name)
             curated.append(bucket)
         reader.close()

@@ -177,8 +177,10 @@ def parse_concept_config(raw: dict, source: str = "config") -> ConceptConfig:
 
     background = _flag(raw, "BACKGROUND")
     ratio = raw.get("NEGATIVE_RATIO", 0.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float):
+        raise ConfigError(f"config key NEGATIVE_RATIO must be a number, got {ratio!r}")
     if background:
-        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+        if not 0 < ratio <= 1:
             raise ConfigError(f"config key NEGATIVE_RATIO must be a number in (0, 1] when "
                               f"BACKGROUND is 1, got {ratio!r}")
         if int(class_size * ratio) < 1:

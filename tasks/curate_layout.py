@@ -10,6 +10,8 @@ Under `datasets/<NAME>/`:
   "RANK", "CONCEPT", "EXT", "DATE_UPLOADED", "DATE_TAKEN", "LINE_NUMBER", "SHARD"}}`,
   with `IMG_PATH` relative to the dataset folder; every class has a file, empty or not.
 - `labeled_metadata.json`: `{bucket: {class: "labeled_metadata/<bucket>/<class>.json"}}`.
+  curate writes it last, over every finished bucket, so it marks the dataset finished
+  and lists the buckets that the stages after curate read.
 - `filelists/<bucket>.txt`: `<IMG_PATH> <class index>` per line. It is written last for
   its bucket, so its presence marks the bucket finished.
 - `clip_result.json`: `{bucket: {class: [{"photo_id", "score", "concept"}, ...]}}` in
@@ -22,15 +24,15 @@ import logging
 import re
 from datetime import datetime
 
+from tasks.clear_layout import DATASET_INDEX, filelist_key
 from tasks.curate_retrieval import Pick
 from tasks.images import ShardReader
 from tasks.storage import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
-
-def filelist_key(prefix: str, bucket: str) -> str:
-    return f"{prefix}/filelists/{bucket}.txt"
+# Part of the name of a local write's temporary file, as ArtifactStore writes it.
+TEMPORARY_MARKER = ".tmp-"
 
 
 def class_metadata_key(bucket: str, class_name: str) -> str:
@@ -53,15 +55,37 @@ def _timestamp(value) -> str | None:
     return value.isoformat() if isinstance(value, datetime) else None
 
 
+def remove_bucket_leftovers(store: ArtifactStore, prefix: str, bucket: str) -> None:
+    """Delete what an interrupted earlier attempt at an unfinished bucket left behind.
+
+    That is its images and metadata, and on a local root also the temporary files of
+    writes that a killed process never renamed into place (`.<name>.tmp-<pid>-<id>`,
+    which ArtifactStore.list leaves out). S3 writes leave no temporary objects.
+    """
+    folders = [f"{prefix}/labeled_images/{bucket}", f"{prefix}/labeled_metadata/{bucket}"]
+    for folder in folders:
+        store.delete_prefix(f"{folder}/")
+    if store.is_s3:
+        return
+    temporary = [path for folder in folders for path in (store.path / folder).rglob("*")
+                 if TEMPORARY_MARKER in path.name and path.is_file()]
+    for name in (f"filelists/{bucket}.txt", f"report/contact_sheet_{bucket}.png"):
+        target = store.path / prefix / name
+        temporary += target.parent.glob(f".{target.name}{TEMPORARY_MARKER}*")
+    for path in temporary:
+        path.unlink(missing_ok=True)
+    if temporary:
+        logger.info("bucket %s: removed %d temporary files of an interrupted run under %s",
+                    bucket, len(temporary), store.url(prefix))
+
+
 def write_bucket(store: ArtifactStore, prefix: str, bucket: str,
                  selection: dict[str, list[Pick]], rows: list[dict], class_names: list[str],
                  concept_texts: list[str], reader: ShardReader) -> dict[str, list[bytes]]:
     """Write one bucket's images, metadata and filelist; return the image bytes per class.
 
-    Leftovers of an interrupted earlier attempt at this bucket are removed first.
+    The caller removes leftovers of an earlier attempt first (remove_bucket_leftovers).
     """
-    store.delete_prefix(f"{prefix}/labeled_images/{bucket}/")
-    store.delete_prefix(f"{prefix}/labeled_metadata/{bucket}/")
     images: dict[str, list[bytes]] = {}
     filelist: list[str] = []
     for class_index, class_name in enumerate(class_names):
@@ -99,12 +123,15 @@ def read_bucket_metadata(store: ArtifactStore, prefix: str, bucket: str,
 
 def write_dataset_index(store: ArtifactStore, prefix: str, class_names: list[str],
                         metadata: dict[str, dict[str, list[dict]]]) -> None:
-    """Write labeled_metadata.json and clip_result.json over every finished bucket."""
-    store.write_json(f"{prefix}/labeled_metadata.json", {
-        bucket: {name: class_metadata_key(bucket, name) for name in class_names}
-        for bucket in metadata})
+    """Write clip_result.json, then labeled_metadata.json, over every finished bucket.
+
+    labeled_metadata.json comes last because it marks the dataset finished.
+    """
     store.write_json(f"{prefix}/clip_result.json", {
         bucket: {name: [{"photo_id": entry["ID"], "score": entry["SCORE"],
                          "concept": entry["CONCEPT"]} for entry in entries]
                  for name, entries in classes.items()}
         for bucket, classes in metadata.items()})
+    store.write_json(f"{prefix}/{DATASET_INDEX}", {
+        bucket: {name: class_metadata_key(bucket, name) for name in class_names}
+        for bucket in metadata})

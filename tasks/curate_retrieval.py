@@ -220,10 +220,19 @@ def _assign_to_best(lists: list[RankedList], lowest: bool) -> dict[int, list[Pic
     return by_concept
 
 
+def _lists_hold_whole_bucket(lists: list[RankedList], bucket_size: int | None) -> bool:
+    """Return whether every candidate list already holds all `bucket_size` images."""
+    return bucket_size is not None and all(len(ranked.rows) >= bucket_size for ranked in lists)
+
+
 def select_positives(top: list[RankedList], class_size: int, allow_overlap: bool,
-                     class_names: list[str], bucket: str,
-                     allow_small: bool = False) -> list[list[Pick]]:
-    """Select each concept's images from its top candidates; one list per concept."""
+                     class_names: list[str], bucket: str, allow_small: bool = False,
+                     bucket_size: int | None = None) -> list[list[Pick]]:
+    """Select each concept's images from its top candidates; one list per concept.
+
+    `bucket_size`, the number of embedded images in the bucket, lets the error for a
+    small class say whether retrieving more candidates could help.
+    """
     if allow_overlap:
         selected = [[Pick(int(r), float(s), concept) for r, s in
                      zip(ranked.rows[:class_size], ranked.scores[:class_size], strict=True)]
@@ -231,19 +240,34 @@ def select_positives(top: list[RankedList], class_size: int, allow_overlap: bool
     else:
         assigned = _assign_to_best(top, lowest=False)
         selected = [assigned[concept][:class_size] for concept in range(len(top))]
+    # With overlap, each concept keeps its own best class_size images, so a small class
+    # means a small bucket. Without overlap, retrieving more candidates helps only while
+    # the candidate lists leave some of the bucket's images out.
+    if allow_overlap or _lists_hold_whole_bucket(top, bucket_size):
+        hint = "lower NUM_OF_IMAGES_PER_CLASS_PER_BUCKET"
+        if bucket_size is not None:
+            hint = f"the bucket has only {bucket_size} embedded images, so {hint}"
+    else:
+        hint = ("lower NUM_OF_IMAGES_PER_CLASS_PER_BUCKET or raise "
+                "NUM_OF_IMAGES_PER_CLASS_PER_BUCKET_TO_QUERY")
     for concept, picks in enumerate(selected):
-        _check_size(picks, class_size, bucket, class_names[concept], allow_small,
-                    "lower NUM_OF_IMAGES_PER_CLASS_PER_BUCKET or raise "
-                    "NUM_OF_IMAGES_PER_CLASS_PER_BUCKET_TO_QUERY")
+        _check_size(picks, class_size, bucket, class_names[concept], allow_small, hint)
     return selected
 
 
 def select_background(bottom: list[RankedList], positives: list[list[Pick]], class_size: int,
                       per_concept: int, class_names: list[str], bucket: str,
-                      allow_small: bool = False) -> list[Pick]:
-    """Select the BACKGROUND class, most dissimilar first."""
+                      allow_small: bool = False, bucket_size: int | None = None) -> list[Pick]:
+    """Select the BACKGROUND class, most dissimilar first.
+
+    `bucket_size` is the number of embedded images in the bucket, as in select_positives.
+    """
     used_rows = {pick.row for picks in positives for pick in picks}
     assigned = _assign_to_best(bottom, lowest=True)
+    if _lists_hold_whole_bucket(bottom, bucket_size):
+        hint = f"the bucket has only {bucket_size} embedded images, so lower NEGATIVE_RATIO"
+    else:
+        hint = "lower NEGATIVE_RATIO or raise NUM_OF_IMAGES_PER_CLASS_PER_BUCKET_TO_QUERY"
     background: list[Pick] = []
     for concept in range(len(bottom)):
         added = []
@@ -255,8 +279,7 @@ def select_background(bottom: list[RankedList], positives: list[list[Pick]], cla
             used_rows.add(pick.row)
             added.append(pick)
         _check_size(added, per_concept, bucket, f"BACKGROUND (from {class_names[concept]})",
-                    allow_small, "lower NEGATIVE_RATIO or raise "
-                    "NUM_OF_IMAGES_PER_CLASS_PER_BUCKET_TO_QUERY")
+                    allow_small, hint)
         background.extend(added)
     background.sort(key=lambda p: (p.score, p.row))
     return background

@@ -3,7 +3,8 @@
 The backbone is the query encoder of a MoCo checkpoint without its projection head
 (`--moco-run` takes the run's latest checkpoint, `--checkpoint` one file), or, only when
 `--random-init` is passed, a randomly initialised torchvision ResNet. Images are read
-through `filelists/<bucket>.txt`, resized and center-cropped to `--image-size` as in
+through `filelists/<bucket>.txt` of the buckets listed in `labeled_metadata.json`, which
+curate writes when it finishes, resized and center-cropped to `--image-size` as in
 CLEAR's feature script, and encoded in file order.
 
 Outputs under `datasets/<NAME>/features/<name>/`, in the layout of CLEAR's
@@ -36,7 +37,7 @@ from tasks.clear_layout import (
     read_filelist,
     validate_dataset_name,
 )
-from tasks.errors import ConfigError, StageError
+from tasks.errors import ConfigError, StageError, one_line_reason
 from tasks.storage import ArtifactStore, is_s3_uri, open_input
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Config:
     def from_args(cls, args: argparse.Namespace) -> Config:
         import re
 
-        from tasks.moco import RESNET_ARCHS
+        from tasks.moco import RESNET_ARCHS, RUN_NAME_PATTERN
 
         validate_dataset_name(args.dataset)
         if not re.match(FEATURE_NAME_PATTERN, args.name):
@@ -73,6 +74,9 @@ class Config:
         if sum(sources) != 1:
             raise ConfigError("pass exactly one backbone source: --moco-run RUN, --checkpoint "
                               "KEY_OR_PATH, or --random-init for an untrained backbone")
+        if args.moco_run and not RUN_NAME_PATTERN.match(args.moco_run):
+            raise ConfigError(f"--moco-run {args.moco_run!r} is not a valid run name; use "
+                              "letters, digits, '.', '_' and '-', as for train-moco --run")
         if args.arch is not None and args.arch not in RESNET_ARCHS:
             raise ConfigError(f"--arch {args.arch!r} is not supported; valid choices: "
                               f"{', '.join(RESNET_ARCHS)}")
@@ -214,18 +218,24 @@ def read_checkpoint(store: ArtifactStore, location: str) -> tuple[dict, str]:
 
     if not is_s3_uri(location) and "://" not in location and store.exists(location):
         opener = store.local_copy(location)
-    elif is_s3_uri(location) or location.startswith("file://") or Path(location).is_file():
+    elif is_s3_uri(location) or location.startswith("file://") or Path(location).exists():
         opener = open_input(location)
     else:
         raise StageError(f"checkpoint {location!r} not found as a key under the artifact root "
                          "or as a file; pass an existing key, path or s3:// URI")
     with opener as path:
-        digest = sha256_of_file(path)
+        if path.is_dir():
+            raise StageError(f"checkpoint {location!r} is a folder; pass the path of a "
+                             "checkpoint file in it")
         try:
+            digest = sha256_of_file(path)
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+            # torch.load raises UnpicklingError or EOFError for a file that is not a
+            # checkpoint, and RuntimeError for a broken zip archive.
             raise StageError(f"cannot load checkpoint {location} with weights_only=True "
-                             f"({error}); save it as a dict of tensors") from error
+                             f"({one_line_reason(error)}); pass a file saved with torch.save "
+                             "that contains a dict of tensors") from error
     if not isinstance(checkpoint, dict):
         raise StageError(f"checkpoint {location} holds a {type(checkpoint).__name__}, not a "
                          "state dict or a dict with `state_dict`")
@@ -267,8 +277,9 @@ def build_model(state_dict: dict | None, arch: str, device: str):
         try:
             model.load_state_dict(state_dict)
         except RuntimeError as error:
-            raise StageError(f"the checkpoint's backbone does not fit a {arch}: {error}") \
-                from error
+            raise StageError(f"the checkpoint's backbone does not fit a {arch} "
+                             f"({one_line_reason(error)}); pass the --arch it was trained "
+                             "with") from error
     model.eval().requires_grad_(False).to(device)
     if device == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -18,10 +18,11 @@ between groups. On GPU the encoders run
 channels-last under bf16 autocast (`--precision`).
 
 Outputs under `models/moco/<run>/`: `options.json` (the options the run was started
-with; a restart with other options fails), `checkpoint_NNNN.pth.tar` after every epoch
-(NNNN is the 0-based epoch index, as in the MoCo reference; keys `epoch` (epochs
-completed), `arch`, `state_dict` (keys `module.encoder_q.*`, `module.encoder_k.*`,
-`module.queue`), `optimizer`, `scaler`, `rng_state`, `options`, `loss`), and with
+with; once a checkpoint exists, a restart with other options fails),
+`checkpoint_NNNN.pth.tar` after every epoch (NNNN is the 0-based epoch index, as in the
+MoCo reference; keys `epoch` (epochs completed), `arch`, `state_dict` (keys
+`module.encoder_q.*`, `module.encoder_k.*`, `module.queue`), `optimizer`, `scaler`,
+`rng_state`, `options`, `loss`), and with
 `--tensorboard` event files in `tensorboard/`. A restarted run resumes from the latest
 checkpoint, so an Airflow retry continues training. Every epoch re-seeds the Python,
 NumPy and torch RNGs (and through torch the DataLoader workers) from (seed, epoch,
@@ -112,6 +113,13 @@ class Config:
         if args.queue_size < args.batch_size:
             raise ConfigError(f"--queue-size ({args.queue_size}) must be at least --batch-size "
                               f"({args.batch_size}) so one batch of keys fits in the queue")
+        real_valued = {"--lr": args.lr, "--momentum": args.momentum,
+                       "--weight-decay": args.weight_decay,
+                       "--temperature": args.temperature,
+                       "--momentum-encoder": args.momentum_encoder}
+        for option, value in real_valued.items():
+            if not math.isfinite(value):
+                raise ConfigError(f"{option} must be a finite number, got {value}")
         if not 0.0 <= args.momentum_encoder < 1.0:
             raise ConfigError(f"--momentum-encoder must be in [0, 1), got {args.momentum_encoder}")
         if args.temperature <= 0:
@@ -202,11 +210,16 @@ def train(config: Config, context) -> dict:
     """Train from the latest checkpoint of the run (or from scratch) up to `config.epochs`."""
     import torch
 
+    from tasks.moco_data import bucket_manifest_key
+
     store = ArtifactStore(config.artifact_root)
     run_prefix = f"models/moco/{config.run}"
     if context.is_main:
         store.ensure_writable()
 
+    # The bucket is checked before options.json is written, so a run started with an
+    # unknown bucket does not pin it.
+    manifest_key = bucket_manifest_key(store, config.split, config.bucket)
     check_run_options(store, run_prefix, config, context)
     checkpoint_key = latest_checkpoint_key(store, run_prefix)
     checkpoint = load_checkpoint(store, checkpoint_key) if checkpoint_key else None
@@ -220,7 +233,7 @@ def train(config: Config, context) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="clear-moco-") as scratch:
         cache_dir = Path(config.cache_dir) if config.cache_dir else Path(scratch) / "shards"
-        loader, sampler = build_training_data(store, config, context, cache_dir)
+        loader, sampler = build_training_data(store, config, context, manifest_key, cache_dir)
 
         torch.manual_seed(config.seed)
         model, optimizer, scaler = build_training_model(config, context)
@@ -267,16 +280,24 @@ def compare_options(saved: dict, current: dict, source: str) -> None:
 
 
 def check_run_options(store: ArtifactStore, run_prefix: str, config: Config, context) -> None:
-    """Fail when the run folder was started with other options; record them on first start."""
+    """Record the run's training options, or fail when a checkpoint was made with others.
+
+    A run without a checkpoint has trained nothing, so its options.json is replaced.
+    """
     from tasks.distributed import barrier
 
     options_key = f"{run_prefix}/options.json"
-    if store.exists(options_key):
-        compare_options(store.read_json(options_key), config.training_options(),
-                        store.url(options_key))
+    current = config.training_options()
+    saved = store.read_json(options_key) if store.exists(options_key) else None
+    if saved is not None and saved != current:
+        if latest_checkpoint_key(store, run_prefix) is not None:
+            compare_options(saved, current, store.url(options_key))
+        logger.info("run %s has no checkpoint yet; replacing the options in %s", config.run,
+                    store.url(options_key))
+    # Every rank reads options.json before rank 0 rewrites it.
     barrier()
-    if context.is_main and not store.exists(options_key):
-        store.write_json(options_key, config.training_options())
+    if context.is_main and saved != current:
+        store.write_json(options_key, current)
 
 
 def latest_checkpoint_key(store: ArtifactStore, run_prefix: str) -> str | None:
@@ -303,19 +324,13 @@ def load_checkpoint(store: ArtifactStore, key: str) -> dict:
                              "resume from the checkpoint before it") from error
 
 
-def build_training_data(store: ArtifactStore, config: Config, context, cache_dir: Path):
-    from tasks.moco_data import (
-        BucketDataset,
-        TwoViews,
-        bucket_manifest_key,
-        build_augmentation,
-        build_loader,
-    )
+def build_training_data(store: ArtifactStore, config: Config, context, manifest_key: str,
+                        cache_dir: Path):
+    from tasks.moco_data import BucketDataset, TwoViews, build_augmentation, build_loader
 
     if config.batch_size % context.world_size:
         raise StageError(f"--batch-size {config.batch_size} is not divisible by the "
                          f"{context.world_size} processes; pick a multiple of the process count")
-    manifest_key = bucket_manifest_key(store, config.split, config.bucket)
     dataset = BucketDataset(store, manifest_key, TwoViews(build_augmentation(config.image_size)),
                             cache_dir)
     logger.info("training on %d samples of bucket %s (%s)", len(dataset), config.bucket,

@@ -15,6 +15,9 @@ Writes the `training_folder/` that Avalanche's CLEAR reader loads for the
 - `training_folder/testset_ratio_<r>/split_<seed>/split.json`: counts per bucket and a
   SHA-256 of the file lists; written last, it marks the split as finished.
 
+The buckets are the ones listed in `labeled_metadata.json`, which curate writes when it
+finishes; a dataset without it is rejected.
+
 Each class of each bucket is split on its own (stratified): round(n * ratio) of its n
 samples go to the test set. A generator seeded with (seed, bucket, class) picks them,
 so a split depends only on its seed and the file lists. Re-running skips finished seeds

@@ -51,6 +51,23 @@ def test_missing_checkpoint_file_rejected(tmp_path):
         clip_models.load_clip("clear-tiny", checkpoint=str(tmp_path / "absent.pt"))
 
 
+@pytest.mark.parametrize("content", [b"", b"\x80\x02not a pickle" * 40, b"PK\x03\x04broken zip"])
+def test_unreadable_checkpoint_one_line_error(tmp_path, content):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(content)
+
+    with pytest.raises(ConfigError, match="cannot load checkpoint") as error:
+        clip_models.load_clip("clear-tiny", checkpoint=str(garbage))
+
+    assert str(garbage) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_folder_checkpoint_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder"):
+        clip_models.load_clip("clear-tiny", checkpoint=str(tmp_path))
+
+
 def test_tiny_checkpoint_is_deterministic(tmp_path, tiny_checkpoint):
     again = clip_models.write_tiny_checkpoint(tmp_path / "again.pt")
     assert again == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()

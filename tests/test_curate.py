@@ -67,6 +67,25 @@ def test_too_few_candidates_names_bucket_and_class():
         select_positives(collector.top, 3, False, NAMES, "7")
 
 
+def test_class_larger_than_bucket_names_bucket_size():
+    collector = collect(top_size=10)
+    with pytest.raises(StageError) as error:
+        select_positives(collector.top, 9, True, NAMES, "7", bucket_size=len(IMAGES))
+    message = str(error.value)
+    assert "the bucket has only 8 embedded images" in message
+    assert "lower NUM_OF_IMAGES_PER_CLASS_PER_BUCKET" in message
+    assert "--allow-small-classes" in message
+    assert "_TO_QUERY" not in message
+
+
+def test_whole_bucket_queried_hint_omits_query_size():
+    collector = collect(top_size=10)
+    with pytest.raises(StageError) as error:
+        select_positives(collector.top, 5, False, NAMES, "7", bucket_size=len(IMAGES))
+    assert "the bucket has only 8 embedded images" in str(error.value)
+    assert "_TO_QUERY" not in str(error.value)
+
+
 def test_allow_small_classes_warns(caplog):
     collector = collect(top_size=4)
     with caplog.at_level(logging.WARNING):
@@ -153,6 +172,8 @@ CONFIG = {"NAME": "tiny-test", "PREFIX": "a photo of ", "ALLOW_OVERLAP": 1,
     ({"LABEL_MAP": {"tram": "t"}}, "not in GROUP"),
     ({"NAME": "../escape"}, "NAME"),
     ({"PROMPT_TEMPLATES": ["no placeholder"]}, "PROMPT_TEMPLATES"),
+    ({"BACKGROUND": 0, "NEGATIVE_RATIO": "x"}, "NEGATIVE_RATIO must be a number, got 'x'"),
+    ({"NEGATIVE_RATIO": "x"}, "NEGATIVE_RATIO must be a number, got 'x'"),
 ])
 def test_invalid_config_names_key(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -275,10 +296,83 @@ def test_exclude_bucket(embedded_store, tmp_path, tiny_checkpoint):
 
 def test_changed_config_same_name_fails(embedded_store, tmp_path, tiny_checkpoint):
     curate.run(curate_config(embedded_store, tmp_path, tiny_checkpoint, buckets=("0",)))
-    changed = {**CONFIG, "NUM_OF_IMAGES_PER_CLASS_PER_BUCKET": 1}
-    with pytest.raises(StageError, match="NUM_OF_IMAGES_PER_CLASS_PER_BUCKET"):
+    changed = {**CONFIG, "NUM_OF_IMAGES_PER_CLASS_PER_BUCKET_TO_QUERY": 4}
+    with pytest.raises(StageError, match="NUM_OF_IMAGES_PER_CLASS_PER_BUCKET_TO_QUERY") as error:
         curate.run(curate_config(embedded_store, tmp_path, tiny_checkpoint, raw=changed,
-                                 buckets=("0",)))
+                                 buckets=("1",)))
+    assert "finished bucket(s) 0," in str(error.value)
+
+
+def test_failed_run_does_not_pin_config(embedded_store, tmp_path, tiny_checkpoint):
+    # Each bucket has 8 photos, so 9 per class cannot be met.
+    too_large = {**CONFIG, "NUM_OF_IMAGES_PER_CLASS_PER_BUCKET": 9,
+                 "NUM_OF_IMAGES_PER_CLASS_PER_BUCKET_TO_QUERY": 9}
+    with pytest.raises(StageError) as error:
+        curate.run(curate_config(embedded_store, tmp_path, tiny_checkpoint, raw=too_large,
+                                 allow_small_classes=False))
+    assert "the bucket has only 8 embedded images" in str(error.value)
+    assert "_TO_QUERY" not in str(error.value)
+
+    summary = curate.run(curate_config(embedded_store, tmp_path, tiny_checkpoint))
+
+    assert summary["buckets_curated"] == ["0", "1"]
+    dataset = embedded_store.path / "datasets" / "tiny-test"
+    assert json.loads((dataset / "concept_group_dict.json").read_text()) == CONFIG
+
+
+def test_rerun_after_wrong_checkpoint_succeeds(embedded_store, tmp_path, tiny_checkpoint):
+    from tasks.clip_models import write_tiny_checkpoint
+
+    other = tmp_path / "other-seed.pt"
+    write_tiny_checkpoint(other, seed=1)
+    with pytest.raises(StageError, match="checkpoint_sha256"):
+        curate.run(curate_config(embedded_store, tmp_path, other))
+    dataset = embedded_store.path / "datasets" / "tiny-test"
+    assert not (dataset / "curate_options.json").exists()
+
+    summary = curate.run(curate_config(embedded_store, tmp_path, tiny_checkpoint))
+
+    assert summary["buckets_curated"] == ["0", "1"]
+
+
+def test_killed_run_leftovers_removed(embedded_store, tmp_path, tiny_checkpoint):
+    curate.run(curate_config(embedded_store, tmp_path, tiny_checkpoint, buckets=("0",)))
+    dataset = embedded_store.path / "datasets" / "tiny-test"
+    # What a process killed while writing bucket 1 leaves: renamed and temporary files.
+    leftovers = [dataset / "labeled_images/1/camera/3001.jpg",
+                 dataset / "labeled_images/1/camera/.3002.jpg.tmp-25843-a10c638d",
+                 dataset / "labeled_metadata/1/.bus.json.tmp-25843-0badf00d",
+                 dataset / "filelists/.1.txt.tmp-25843-12345678"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+
+    curate.run(curate_config(embedded_store, tmp_path, tiny_checkpoint, buckets=("1",)))
+
+    for path in leftovers[1:]:
+        assert not path.exists(), path
+    temporary = [path for path in dataset.rglob("*") if ".tmp-" in path.name]
+    assert temporary == []
+
+
+@pytest.fixture
+def segmented_store(artifact_root) -> ArtifactStore:
+    """Buckets 0 and 1 of split `default`, without embeddings."""
+    store = ArtifactStore(artifact_root)
+    write_shard(store, "00000", {i: make_jpeg(i, max_side=32) for i in (1, 2)})
+    write_bucket(store, "default", "0", "00000", [1])
+    write_bucket(store, "default", "1", "00000", [2])
+    return store
+
+
+@pytest.mark.parametrize(("buckets", "excluded"), [(None, ("0", "1")), (("0",), ("0",))])
+def test_every_bucket_excluded_rejected(segmented_store, tmp_path, tiny_checkpoint, buckets,
+                                        excluded):
+    config = curate_config(segmented_store, tmp_path, tiny_checkpoint, buckets=buckets,
+                           exclude_buckets=excluded)
+    with pytest.raises(ConfigError, match="no bucket left to curate"):
+        curate.run(config)
+    assert not (segmented_store.path / "datasets").exists()
 
 
 def test_unknown_bucket_lists_known(embedded_store, tmp_path, tiny_checkpoint):

@@ -110,6 +110,52 @@ def test_missing_moco_run_fails(trained_root):
         extract(trained_root, "--moco-run", "absent", "--name", "none")
 
 
+def test_moco_run_name_validated(artifact_root):
+    with pytest.raises(ConfigError, match="--moco-run '../x' is not a valid run name"):
+        extract(artifact_root, "--moco-run", "../x")
+
+
+def test_folder_checkpoint_fails_cleanly(trained_root, tmp_path):
+    with pytest.raises(StageError, match="is a folder"):
+        extract(trained_root, "--checkpoint", str(tmp_path), "--name", "folder")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02not a pickle" * 40, b"PK\x03\x04broken zip"])
+def test_garbage_checkpoint_one_line_error(trained_root, tmp_path, content):
+    garbage = tmp_path / "garbage.pth.tar"
+    garbage.write_bytes(content)
+
+    with pytest.raises(StageError, match="cannot load checkpoint") as error:
+        extract(trained_root, "--checkpoint", str(garbage), "--name", "garbage")
+
+    assert str(garbage) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_unfinished_dataset_rejected(artifact_root):
+    store = ArtifactStore(artifact_root)
+    write_labeled_dataset(store, "tiny", ["0", "1"], CLASSES, per_class=1, max_side=24)
+    store.delete("datasets/tiny/labeled_metadata.json")
+
+    with pytest.raises(StageError, match="dataset tiny is not finished.*run curate"):
+        extract(artifact_root, "--random-init", "--arch", "resnet18", "--name", "random")
+
+
+def test_buckets_come_from_dataset_index(artifact_root):
+    store = ArtifactStore(artifact_root)
+    write_labeled_dataset(store, "tiny", ["0", "1"], CLASSES, per_class=1, max_side=24)
+    # A curate run that was killed after finishing bucket 1 did not add it to the index.
+    index = store.read_json("datasets/tiny/labeled_metadata.json")
+    store.write_json("datasets/tiny/labeled_metadata.json", {"0": index["0"]})
+
+    summary = extract(artifact_root, "--random-init", "--arch", "resnet18", "--name", "random")
+
+    assert summary["buckets"] == 1
+    features = json.loads((Path(artifact_root) /
+                           "datasets/tiny/features/random/features.json").read_text())
+    assert list(features) == ["0"]
+
+
 def test_backbone_source_required(artifact_root):
     with pytest.raises(ConfigError, match="exactly one backbone source"):
         extract(artifact_root)

@@ -184,6 +184,11 @@ def test_restart_with_other_options_fails(bucket_root):
     (["--momentum-encoder", "1.0"], r"--momentum-encoder must be in \[0, 1\)"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--run", "../escape"], "not a valid run name"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--momentum", "inf"], "--momentum must be a finite number, got inf"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+    (["--momentum-encoder", "nan"], "--momentum-encoder must be a finite number, got nan"),
 ])
 def test_invalid_options_rejected(artifact_root, options, message):
     arguments = ["--run", "r", *options] if "--run" not in options else options
@@ -196,6 +201,34 @@ def test_unknown_bucket_rejected(bucket_root):
 
     with pytest.raises(StageError, match="bucket '7' not found.*valid buckets: 0"):
         train(bucket_root, "--run", "nobucket", "--bucket", "7", "--epochs", "1", *SMALL_RUN)
+
+
+def test_unknown_bucket_does_not_pin_options(bucket_root):
+    from tasks.errors import StageError
+
+    options = ["--run", "retry", "--epochs", "1", "--max-steps-per-epoch", "1", *SMALL_RUN]
+    with pytest.raises(StageError, match="bucket '9' not found"):
+        train(bucket_root, *options, "--bucket", "9")
+    assert not (Path(bucket_root) / "models/moco/retry/options.json").exists()
+
+    summary = train(bucket_root, *options, "--bucket", "0")
+
+    assert summary["epochs_done"] == 1
+
+
+def test_options_replaced_before_first_checkpoint(bucket_root):
+    import json
+
+    run_dir = Path(bucket_root) / "models/moco/unstarted"
+    run_dir.mkdir(parents=True)
+    (run_dir / "options.json").write_text(json.dumps({"bucket": "9", "temperature": 0.5}))
+
+    train(bucket_root, "--run", "unstarted", "--epochs", "1", "--max-steps-per-epoch", "1",
+          *SMALL_RUN)
+
+    saved = json.loads((run_dir / "options.json").read_text())
+    assert saved["bucket"] == "0"
+    assert saved["temperature"] == 0.2
 
 
 def free_port() -> int:

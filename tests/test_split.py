@@ -147,6 +147,29 @@ def test_invalid_options_rejected(artifact_root, options, message):
         split(artifact_root, *options)
 
 
+def test_unfinished_dataset_rejected(dataset_root):
+    ArtifactStore(dataset_root).delete("datasets/tiny/labeled_metadata.json")
+
+    with pytest.raises(StageError, match="dataset tiny is not finished.*run curate"):
+        split(dataset_root, "--seeds", "0")
+    assert not (Path(dataset_root) / "datasets/tiny/training_folder").exists()
+
+
+def test_buckets_come_from_dataset_index(dataset_root):
+    store = ArtifactStore(dataset_root)
+    # A curate run that was killed after finishing bucket 2 did not add it to the index.
+    index = store.read_json("datasets/tiny/labeled_metadata.json")
+    store.write_json("datasets/tiny/labeled_metadata.json",
+                     {bucket: index[bucket] for bucket in ("0", "1")})
+
+    summary = split(dataset_root, "--seeds", "0")
+
+    assert summary["buckets"] == 2
+    training = Path(dataset_root) / "datasets/tiny/training_folder"
+    assert json.loads((training / "bucket_indices.json").read_text()) == ["0", "1"]
+    assert not (training / "testset_ratio_0.3/split_0/2").exists()
+
+
 def test_missing_dataset_fails(artifact_root):
     with pytest.raises(StageError, match="class_names.txt"):
         split(artifact_root)
