@@ -8,6 +8,14 @@ unique) to `--lines` lines, then measures in one invocation:
 - limit: a plain Python loop that splits lines and URL-decodes fields, like the
   original CLEAR scripts.
 
+It also compresses `--bz2-lines` lines with bzip2 and compares decompression alone
+(rapidgzip on every core against pyarrow's single-threaded codec) and sync-metadata
+end to end with `--decoder rapidgzip` against `--decoder pyarrow`.
+
+`--memory-check` instead converts generated files of `--memory-lines` lines (default
+1M and 10M, about 0.5 and 5 GB) one after another and deletes each after its run. It
+prints the peak RSS of each conversion, which should stay flat and under 1.5 GB.
+
 Each measurement runs in a subprocess so peak RSS is its own. Prints a table, then one
 JSON object per comparison.
 """
@@ -15,6 +23,7 @@ JSON object per comparison.
 from __future__ import annotations
 
 import argparse
+import bz2
 import json
 import os
 import subprocess
@@ -51,14 +60,39 @@ print(rows)
 """
 
 
-def build_input(path: Path, lines: int) -> None:
+DECOMPRESS = """
+import os, sys, time
+path, decoder = sys.argv[1], sys.argv[2]
+start = time.perf_counter()
+if decoder == "rapidgzip":
+    import rapidgzip
+    handle = rapidgzip.IndexedBzip2File(path, parallelization=len(os.sched_getaffinity(0)))
+else:
+    import pyarrow as pa
+    handle = pa.input_stream(path, compression="bz2")
+total = 0
+with handle:
+    while chunk := handle.read(16 << 20):
+        total += len(chunk)
+print(total, time.perf_counter() - start)
+"""
+
+
+def build_input(path: Path, lines: int, compress: bool = False) -> None:
+    """Write `lines` lines by repeating the sample, streaming so memory stays small."""
     sample = [line.split("\t") for line in SAMPLE.read_text().splitlines()]
-    with open(path, "w") as handle:
+    opener = bz2.open if compress else open
+    with opener(path, "wt") as handle:
+        batch = []
         for number in range(lines):
             fields = list(sample[number % len(sample)])
             fields[0] = str(number)
             fields[1] = str(10_000_000_000 + number)
-            handle.write("\t".join(fields) + "\n")
+            batch.append("\t".join(fields) + "\n")
+            if len(batch) == 10_000:
+                handle.write("".join(batch))
+                batch.clear()
+        handle.write("".join(batch))
 
 
 def measure(command: list[str]) -> tuple[float, float]:
@@ -73,12 +107,79 @@ def measure(command: list[str]) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024
 
 
+def sync_metadata(root: Path, source: Path, *options: str) -> list[str]:
+    return [sys.executable, "-m", "tasks", "sync-metadata", "--artifact-root", str(root),
+            "--source", str(source), *options]
+
+
+def decompression_benchmark(lines: int, machine: str) -> None:
+    """Compare rapidgzip with pyarrow's bzip2 codec, alone and inside sync-metadata."""
+    with tempfile.TemporaryDirectory(prefix="clear-bench-metadata-") as tmp:
+        source = Path(tmp) / "yfcc100m_dataset.bz2"
+        build_input(source, lines, compress=True)
+        compressed_mib = source.stat().st_size / 2**20
+        rates, ends = {}, {}
+        for decoder in ("pyarrow", "rapidgzip"):
+            output = subprocess.run([sys.executable, "-c", DECOMPRESS, str(source), decoder],
+                                    check=True, capture_output=True, text=True).stdout.split()
+            rates[decoder] = int(output[0]) / 2**20 / float(output[1])
+            ends[decoder] = measure(sync_metadata(Path(tmp) / f"root-{decoder}", source,
+                                                  "--decoder", decoder))
+    print(f"\nbzip2 decompression: {lines} lines, {compressed_mib:.0f} MiB compressed, {machine}")
+    print(f"{'decoder':<28}{'MiB/s out':>10}{'end-to-end s':>14}{'peak RSS MiB':>14}")
+    for decoder in ("rapidgzip", "pyarrow"):
+        seconds, rss = ends[decoder]
+        print(f"{decoder:<28}{rates[decoder]:>10.1f}{seconds:>14.2f}{rss:>14.0f}")
+    for metric, ours, peer in [
+            ("decompressed_mib_per_second", rates["rapidgzip"], rates["pyarrow"]),
+            ("bz2_rows_per_second", lines / ends["rapidgzip"][0], lines / ends["pyarrow"][0])]:
+        print(json.dumps({"benchmark": "metadata", "metric": metric, "ours": round(ours, 1),
+                          "peer": "pyarrow bz2 codec (single thread)",
+                          "peer_value": round(peer, 1), "ratio": round(ours / peer, 2),
+                          "target": 1.0, "lines": lines, "machine": machine}))
+
+
+def memory_check(sizes: list[int], machine: str) -> None:
+    """Convert generated files of each size in turn and report the peak RSS of each run."""
+    results = []
+    for lines in sizes:
+        with tempfile.TemporaryDirectory(prefix="clear-bench-metadata-") as tmp:
+            source = Path(tmp) / "yfcc100m_dataset"
+            build_input(source, lines)
+            size_gib = source.stat().st_size / 2**30
+            seconds, rss = measure(sync_metadata(Path(tmp) / "root", source))
+        results.append((lines, size_gib, seconds, rss))
+        print(f"converted {lines} lines ({size_gib:.2f} GiB) in {seconds:.1f} s, "
+              f"peak RSS {rss:.0f} MiB", flush=True)
+    print(f"\nsync-metadata memory check, {machine}")
+    print(f"{'lines':>12}{'GiB':>8}{'seconds':>10}{'peak RSS MiB':>14}")
+    for lines, size_gib, seconds, rss in results:
+        print(f"{lines:>12}{size_gib:>8.2f}{seconds:>10.1f}{rss:>14.0f}")
+    for lines, _, seconds, rss in results:
+        print(json.dumps({"benchmark": "metadata", "metric": "peak_rss_mib", "ours": round(rss),
+                          "peer": "limit 1.5 GiB", "peer_value": 1536,
+                          "ratio": round(rss / 1536, 2), "target": 1.0, "lines": lines,
+                          "seconds": round(seconds, 1), "machine": machine}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=1_000_000,
                         help="lines in the generated input (default: 1000000)")
+    parser.add_argument("--bz2-lines", type=int, default=200_000,
+                        help="lines in the generated bzip2 input; compressing it takes about "
+                        "10 s per 100000 lines on one core (default: 200000, 0 skips it)")
+    parser.add_argument("--memory-check", action="store_true",
+                        help="only run the memory check over --memory-lines")
+    parser.add_argument("--memory-lines", default="1000000,10000000",
+                        help="comma-separated line counts for --memory-check; 10M lines "
+                        "need about 5 GB of temporary disk (default: 1000000,10000000)")
     args = parser.parse_args()
+    machine = f"{os.cpu_count()} cores"
+    if args.memory_check:
+        memory_check([int(value) for value in args.memory_lines.split(",")], machine)
+        return
 
     with tempfile.TemporaryDirectory(prefix="clear-bench-metadata-") as tmp:
         source = Path(tmp) / "yfcc100m_dataset"
@@ -86,11 +187,8 @@ def main() -> None:
         size_mib = source.stat().st_size / 2**20
         plain_s, plain_rss = measure([sys.executable, "-c", PLAIN_PYTHON_READ, str(source)])
         arrow_s, arrow_rss = measure([sys.executable, "-c", PYARROW_READ, str(source)])
-        ours_s, ours_rss = measure([sys.executable, "-m", "tasks", "sync-metadata",
-                                    "--artifact-root", str(Path(tmp) / "root"),
-                                    "--source", str(source)])
+        ours_s, ours_rss = measure(sync_metadata(Path(tmp) / "root", source))
 
-    machine = f"{os.cpu_count()} cores"
     print(f"sync-metadata benchmark: {args.lines} lines, {size_mib:.0f} MiB, {machine}")
     print(f"{'reader':<28}{'seconds':>10}{'rows/s':>12}{'peak RSS MiB':>14}")
     for name, seconds, rss in [("ours (sync-metadata)", ours_s, ours_rss),
@@ -106,6 +204,8 @@ def main() -> None:
                           "ratio": round(ours_rate / peer_rate, 2), "target": target,
                           "lines": args.lines, "peak_rss_mib": round(ours_rss),
                           "machine": machine}))
+    if args.bz2_lines:
+        decompression_benchmark(args.bz2_lines, machine)
 
 
 if __name__ == "__main__":
