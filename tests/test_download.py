@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import os
@@ -23,7 +24,7 @@ from PIL import Image
 
 from tasks import download
 from tasks.cli import build_stage_parser, main
-from tasks.download.writer import ShardWriter
+from tasks.download.writer import ShardWriter, padded_size
 from tasks.errors import ConfigError, StageError
 from tasks.images import decode_image
 from tasks.sample_mirror import SampleMirror
@@ -471,3 +472,154 @@ def test_download_falls_back_to_s3_mirror(server, s3_server, s3_root, tmp_path):
     assert manifest[nowhere]["status"] == "http_error"
     assert manifest[nowhere]["http_status"] == 404
     assert manifest[nowhere]["url"].startswith("s3://")
+
+
+def retry_cases(server: FaultyServer) -> dict[int, tuple[str, str, str]]:
+    """Route URLs that fail on the first request; return photo id -> (url, first status,
+    status after --retry-failed)."""
+    cases = {
+        31: ("/ok/31_aa.jpg", [Reply(body=make_jpeg(31))], "ok", "ok"),
+        32: ("/busy/32_aa.jpg", [Reply(503, b"busy"), Reply(body=make_jpeg(32))],
+             "http_error", "ok"),
+        33: ("/throttled/33_aa.jpg", [Reply(429, b"slow down"), Reply(body=make_jpeg(33))],
+             "http_error", "ok"),
+        34: ("/stalled/34_aa.jpg", [Reply(body=make_jpeg(34), delay=2.0),
+                                    Reply(body=make_jpeg(34))], "timeout", "ok"),
+        35: ("/cut/35_aa.jpg", [Reply(body=make_jpeg(35)[:500], declared_length=2000),
+                                Reply(body=make_jpeg(35))], "truncated", "ok"),
+        36: ("/missing/36_aa.jpg", [Reply(404, b"gone"), Reply(body=make_jpeg(36))],
+             "http_error", "http_error"),
+        37: ("/corrupt/37_aa.jpg", [Reply(body=make_jpeg(37)[:600]), Reply(body=make_jpeg(37))],
+             "invalid_image", "invalid_image"),
+        38: ("/down/38_aa.jpg", [Reply(502, b"bad gateway")], "http_error", "http_error"),
+        39: ("/ok/39_aa.jpg", [Reply(body=make_jpeg(39))], "ok", "ok"),
+    }
+    return {photo_id: (server.route(path, *replies), first, after)
+            for photo_id, (path, replies, first, after) in cases.items()}
+
+
+NO_RETRY_OPTIONS = [*FAST_OPTIONS, "--retries", "0"]
+
+
+def test_retry_failed_refetches_retryable(server, artifact_root):
+    cases = retry_cases(server)
+    write_plan(artifact_root, {photo_id: url for photo_id, (url, _, _) in cases.items()})
+    download.run(make_config(artifact_root, *NO_RETRY_OPTIONS))
+    first = read_manifest(artifact_root)
+    tar_path = Path(artifact_root) / "images" / "shard-00000.tar"
+    old_tar = tar_path.read_bytes()
+    for photo_id, (_, expected, _) in cases.items():
+        assert first[photo_id]["status"] == expected, (photo_id, first[photo_id])
+
+    summary = download.run(make_config(artifact_root, *NO_RETRY_OPTIONS, "--retry-failed"))
+
+    manifest = read_manifest(artifact_root)
+    members = read_tar(artifact_root)
+    new_tar = tar_path.read_bytes()
+    assert summary["skipped"] is False
+    assert summary["retried"] == 5
+    for photo_id, (url, _, expected) in cases.items():
+        assert manifest[photo_id]["status"] == expected, (photo_id, manifest[photo_id])
+        path = url.removeprefix(server.base_url)
+        retried = photo_id in (32, 33, 34, 35, 38)
+        assert server.requests[path] == (2 if retried else 1), path
+    for photo_id in (31, 32, 33, 34, 35, 39):
+        row = manifest[photo_id]
+        assert members[row["member"]] == make_jpeg(photo_id)
+        assert new_tar[row["offset"]:row["offset"] + row["bytes"]] == make_jpeg(photo_id)
+    assert manifest[31]["offset"] == first[31]["offset"]
+    assert manifest[39]["offset"] == first[39]["offset"]
+    kept_end = len(old_tar) - 2 * tarfile.BLOCKSIZE
+    assert new_tar[:kept_end] == old_tar[:kept_end]
+    stats = json.loads((Path(artifact_root) / "images" / "shard-00000.stats.json").read_text())
+    assert stats["counts"] == {"http_error": 2, "invalid_image": 1, "ok": 6}
+    assert stats["retried_failed"] == 5
+    assert stats["fetched"] == 5
+    assert sorted(p.name for p in tar_path.parent.iterdir()) == [
+        "shard-00000.parquet", "shard-00000.stats.json", "shard-00000.tar"]
+
+
+def test_retry_failed_nothing_retryable_is_noop(server, artifact_root):
+    cases = retry_cases(server)
+    write_plan(artifact_root, {photo_id: cases[photo_id][0] for photo_id in (31, 36, 37)})
+    download.run(make_config(artifact_root, *NO_RETRY_OPTIONS))
+    tar_path = Path(artifact_root) / "images" / "shard-00000.tar"
+    modified = tar_path.stat().st_mtime_ns
+
+    summary = download.run(make_config(artifact_root, *NO_RETRY_OPTIONS, "--retry-failed"))
+
+    assert summary["skipped"] is True
+    assert summary["retried"] == 0
+    assert tar_path.stat().st_mtime_ns == modified
+    for path in ("/ok/31_aa.jpg", "/missing/36_aa.jpg", "/corrupt/37_aa.jpg"):
+        assert server.requests[path] == 1, path
+
+
+def test_retry_failed_unfinished_shard_downloads(server, artifact_root):
+    cases = retry_cases(server)
+    write_plan(artifact_root, {photo_id: cases[photo_id][0] for photo_id in (31, 32)})
+
+    summary = download.run(make_config(artifact_root, *NO_RETRY_OPTIONS, "--retry-failed"))
+
+    manifest = read_manifest(artifact_root)
+    assert summary["skipped"] is False
+    assert summary["retried"] == 0
+    assert manifest[31]["status"] == "ok"
+    assert manifest[32]["status"] == "http_error"
+
+
+def test_retry_failed_other_options_rejected(server, artifact_root):
+    cases = retry_cases(server)
+    write_plan(artifact_root, {32: cases[32][0]})
+    download.run(make_config(artifact_root, *NO_RETRY_OPTIONS))
+
+    with pytest.raises(StageError, match="min_edge"):
+        download.run(make_config(artifact_root, *NO_RETRY_OPTIONS, "--retry-failed",
+                                 "--min-edge", "32"))
+    assert server.requests["/busy/32_aa.jpg"] == 1
+
+
+def test_retry_failed_resumes_interrupted_retry(server, artifact_root):
+    cases = retry_cases(server)
+    ids = (31, 32, 33)
+    write_plan(artifact_root, {photo_id: cases[photo_id][0] for photo_id in ids})
+    download.run(make_config(artifact_root, *NO_RETRY_OPTIONS))
+    images = Path(artifact_root) / "images"
+    config = make_config(artifact_root, *NO_RETRY_OPTIONS, "--retry-failed")
+    manifest_digest = hashlib.sha256((images / "shard-00000.parquet").read_bytes()).hexdigest()
+    options = {**config.output_options(), "retry_of_manifest_sha256": manifest_digest}
+    # A retry that was killed after seeding and recording photo 32, before publishing.
+    kept_rows = [read_manifest(artifact_root)[31]]
+    with ShardWriter(images, "00000", options, purpose="retry") as writer:
+        writer.seed(kept_rows, images / "shard-00000.tar",
+                    kept_rows[0]["offset"] + padded_size(kept_rows[0]["bytes"]))
+        writer.add({**read_manifest(artifact_root)[32], "status": "ok", "error": None,
+                    "member": "32.jpg", "bytes": len(make_jpeg(32))}, make_jpeg(32))
+
+    summary = download.run(config)
+
+    manifest = read_manifest(artifact_root)
+    assert summary["retried"] == 2
+    assert server.requests["/busy/32_aa.jpg"] == 1
+    assert server.requests["/throttled/33_aa.jpg"] == 2
+    assert {row["status"] for row in manifest.values()} == {"ok"}
+    assert read_tar(artifact_root)["32.jpg"] == make_jpeg(32)
+    assert not (images / "shard-00000.jsonl.tmp-retry").exists()
+
+
+def test_retry_failed_discards_stale_retry(server, artifact_root):
+    cases = retry_cases(server)
+    write_plan(artifact_root, {photo_id: cases[photo_id][0] for photo_id in (31, 32)})
+    download.run(make_config(artifact_root, *NO_RETRY_OPTIONS))
+    images = Path(artifact_root) / "images"
+    config = make_config(artifact_root, *NO_RETRY_OPTIONS, "--retry-failed")
+    stale_options = {**config.output_options(), "retry_of_manifest_sha256": "0" * 64}
+    with ShardWriter(images, "00000", stale_options, purpose="retry") as writer:
+        writer.add({"photo_id": 32, "status": "timeout", "bytes": 0})
+
+    download.run(config)
+
+    manifest = read_manifest(artifact_root)
+    assert manifest[32]["status"] == "ok"
+    assert server.requests["/busy/32_aa.jpg"] == 2
+    assert read_tar(artifact_root)["31.jpg"] == make_jpeg(31)

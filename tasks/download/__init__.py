@@ -30,6 +30,14 @@ Sources: `--source http` (the default) fetches the download URLs, optionally thr
 Resume: progress goes to working files (see `tasks.download.writer`), next to the
 outputs for local artifact roots and under `--work-dir` for S3 roots. A killed run,
 re-run with the same options, fetches only the samples it has not recorded yet.
+
+Retry: `--retry-failed` on a finished shard fetches again only the samples whose status
+may be transient (timeout, connection_error, truncated, HTTP 408/425/429/500/502/503/504)
+and keeps every other row. The new tar starts with the old tar's members at their old
+offsets and appends the newly fetched ones, then replaces the old tar, manifest and
+stats in that order. Each replace is atomic (a rename locally, an upload on S3 that
+becomes visible whole), and a reader holding the old manifest still finds its members
+at the same offsets in the new tar.
 """
 
 from __future__ import annotations
@@ -48,11 +56,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tasks.download.fetch import Fetcher, FetchSettings
+from tasks.download.fetch import RETRYABLE_HTTP_STATUSES, RETRYABLE_STATUSES, Fetcher, FetchSettings
 from tasks.download.s3source import DEFAULT_S3_MIRROR, S3MirrorFetcher
 from tasks.download.sources import Checker, Sources, fetch_sample
 from tasks.download.validate import KNOWN_PLACEHOLDER_SHA256, Limits
-from tasks.download.writer import ShardWriter, write_manifest
+from tasks.download.writer import ShardWriter, padded_size, write_manifest
 from tasks.errors import ConfigError, StageError
 from tasks.images import shard_manifest_key, shard_stats_key, shard_tar_key
 from tasks.log import ProgressLogger
@@ -89,6 +97,7 @@ class Config:
     work_dir: str | None = None
     source: str = "http"
     s3_mirror_uri: str = DEFAULT_S3_MIRROR
+    retry_failed: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
@@ -135,7 +144,7 @@ class Config:
             max_aspect_ratio=args.max_aspect_ratio, max_pixels=args.max_pixels,
             max_bytes=args.max_bytes, placeholder_sha256=placeholders,
             work_dir=args.work_dir, source=args.source,
-            s3_mirror_uri=args.s3_mirror_uri.rstrip("/"),
+            s3_mirror_uri=args.s3_mirror_uri.rstrip("/"), retry_failed=args.retry_failed,
         )
 
     def output_options(self) -> dict:
@@ -207,12 +216,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "between runs to resume (default: the images/ folder of a local "
                         "artifact root, or a folder under the system temporary folder for "
                         "S3 roots)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="for a finished shard, fetch again the samples that failed with "
+                        "a timeout, connection error, truncated body or HTTP "
+                        "408/425/429/500/502/503/504, "
+                        "keep all other samples, and publish a new tar and manifest; for an "
+                        "unfinished shard, download it as usual (default: off, a finished "
+                        "shard is left as it is)")
 
 
 def run(config: Config) -> dict:
     store = ArtifactStore(config.artifact_root)
     started = time.monotonic()
 
+    if config.retry_failed and store.exists(shard_stats_key(config.shard)):
+        return retry_failed(store, config, started)
     finished = finished_summary(store, config)
     if finished is not None:
         return finished
@@ -229,25 +247,78 @@ def run(config: Config) -> dict:
         writer.discard()
 
     return {"shard": config.shard, "skipped": False, "samples": stats["samples"],
-            "ok": stats["counts"].get("ok", 0), "resumed": stats["resumed"]}
+            "ok": stats["counts"].get("ok", 0), "resumed": stats["resumed"], "retried": 0}
+
+
+def is_retryable_row(row: dict) -> bool:
+    """Return True when a manifest row failed in a way that another attempt may fix."""
+    if row["status"] == "http_error":
+        return row["http_status"] in RETRYABLE_HTTP_STATUSES
+    return row["status"] in RETRYABLE_STATUSES
+
+
+def retry_failed(store: ArtifactStore, config: Config, started: float) -> dict:
+    """Fetch again the retryable samples of a finished shard and republish it."""
+    import pyarrow.parquet as pq
+
+    stats = read_finished_stats(store, config)
+    samples = read_shard_samples(store, config.shard)
+    with store.local_copy(shard_manifest_key(config.shard)) as manifest_path:
+        manifest_digest = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+        rows = pq.read_table(manifest_path).to_pylist()
+    retry_ids = {row["photo_id"] for row in rows if is_retryable_row(row)}
+    if not retry_ids:
+        logger.info("shard %s: no samples with a retryable status; nothing to do",
+                    config.shard)
+        return {"shard": config.shard, "skipped": True, "samples": stats["samples"],
+                "ok": stats["counts"].get("ok", 0), "resumed": 0, "retried": 0}
+
+    kept_rows = [row for row in rows if row["photo_id"] not in retry_ids]
+    tar_end = max((row["offset"] + padded_size(row["bytes"]) for row in kept_rows
+                   if row["status"] == "ok"), default=0)
+    # The working copy belongs to this manifest: one left by a retry of an older
+    # manifest is discarded rather than mixed in.
+    options = {**config.output_options(), "retry_of_manifest_sha256": manifest_digest}
+    with ShardWriter(work_dir_for(store, config), config.shard, options, purpose="retry",
+                     restart_on_other_options=True) as writer:
+        if not writer.rows:
+            with store.local_copy(shard_tar_key(config.shard)) as tar_path:
+                writer.seed(kept_rows, tar_path, tar_end)
+        done = writer.done_ids
+        pending = [sample for sample in samples if sample["photo_id"] not in done]
+        logger.info("shard %s: retrying %d samples with a retryable status, keeping %d",
+                    config.shard, len(pending), len(samples) - len(pending))
+        asyncio.run(download_samples(pending, config, writer))
+        stats = publish_shard(store, config, writer, samples, time.monotonic() - started,
+                              retried=len(retry_ids))
+        writer.discard()
+
+    return {"shard": config.shard, "skipped": False, "samples": stats["samples"],
+            "ok": stats["counts"].get("ok", 0), "resumed": stats["resumed"],
+            "retried": len(retry_ids)}
 
 
 def finished_summary(store: ArtifactStore, config: Config) -> dict | None:
     """Return the summary of an already finished shard, or None when it still needs work."""
-    key = shard_stats_key(config.shard)
-    if not store.exists(key):
+    if not store.exists(shard_stats_key(config.shard)):
         return None
-    stats = store.read_json(key)
+    stats = read_finished_stats(store, config)
+    logger.info("shard %s is already downloaded (%s); nothing to do",
+                config.shard, store.url(shard_stats_key(config.shard)))
+    return {"shard": config.shard, "skipped": True, "samples": stats["samples"],
+            "ok": stats["counts"].get("ok", 0), "resumed": 0, "retried": 0}
+
+
+def read_finished_stats(store: ArtifactStore, config: Config) -> dict:
+    """Read a finished shard's stats, raising StageError when its options differ."""
+    stats = store.read_json(shard_stats_key(config.shard))
     if stats.get("options") != config.output_options():
         raise StageError(
             f"shard {config.shard} was downloaded with options {stats.get('options')}, which "
             f"differ from {config.output_options()}; rerun with the same options, or delete "
             f"{store.url('images/shard-' + config.shard)}.* to download it again"
         )
-    logger.info("shard %s is already downloaded (%s); nothing to do",
-                config.shard, store.url(key))
-    return {"shard": config.shard, "skipped": True, "samples": stats["samples"],
-            "ok": stats["counts"].get("ok", 0), "resumed": 0}
+    return stats
 
 
 def read_shard_samples(store: ArtifactStore, shard_id: str) -> list[dict]:
@@ -345,8 +416,11 @@ async def download_samples(samples: list[dict], config: Config, writer: ShardWri
 
 
 def publish_shard(store: ArtifactStore, config: Config, writer: ShardWriter,
-                  samples: list[dict], duration: float) -> dict:
-    """Publish tar, manifest and, last, stats; return the stats."""
+                  samples: list[dict], duration: float, retried: int = 0) -> dict:
+    """Publish tar, manifest and, last, stats; return the stats.
+
+    `retried` is the number of failed samples a --retry-failed run fetched again.
+    """
     order = {sample["photo_id"]: index for index, sample in enumerate(samples)}
     rows = sorted(writer.rows, key=lambda row: order.get(row["photo_id"], len(order)))
     tar_path = writer.finish()
@@ -359,7 +433,7 @@ def publish_shard(store: ArtifactStore, config: Config, writer: ShardWriter,
     stats = {
         "format": STATS_FORMAT, "shard": config.shard, "samples": len(rows),
         "counts": dict(sorted(counts.items())), "resumed": writer.resumed,
-        "fetched": len(rows) - writer.resumed,
+        "fetched": len(rows) - writer.resumed, "retried_failed": retried,
         "ok_bytes": sum(row["bytes"] for row in rows if row["status"] == "ok"),
         "duration_seconds": round(duration, 3),
         "samples_per_second": round((len(rows) - writer.resumed) / max(duration, 1e-9), 2),

@@ -13,6 +13,10 @@ sample points at complete data. On resume the record is read back, a torn last l
 dropped, and the tar is cut back to the end of the last recorded member, discarding a
 member that was being written when the process died. A lock file stops two processes
 from working on the same shard at once.
+
+A `--retry-failed` run of a finished shard uses its own working files, named with
+`.tmp-retry` instead of `.tmp-download`, which it seeds with the published tar's
+members and the rows it keeps (see `ShardWriter.seed`).
 """
 
 from __future__ import annotations
@@ -56,19 +60,28 @@ def write_manifest(rows: list[dict], path: Path) -> None:
     pq.write_table(table, path)
 
 
-def _padded(size: int) -> int:
+def padded_size(size: int) -> int:
+    """Bytes a member of `size` bytes takes in a tar, padded to whole blocks."""
     return -(-size // BLOCK) * BLOCK
 
 
 class ShardWriter:
     """Appends samples to the working tar and record of one shard, resuming old ones."""
 
-    def __init__(self, work_dir: Path, shard_id: str, options: dict):
+    def __init__(self, work_dir: Path, shard_id: str, options: dict, purpose: str = "download",
+                 restart_on_other_options: bool = False):
+        """Name the working files after `purpose` ("download" or "retry").
+
+        With `restart_on_other_options`, a progress record written with other options is
+        discarded instead of raising StageError.
+        """
         self.work_dir = work_dir
         self.shard_id = shard_id
         self.options = options
-        self.tar_path = work_dir / f"shard-{shard_id}.tar.tmp-download"
-        self.record_path = work_dir / f"shard-{shard_id}.jsonl.tmp-download"
+        self.restart_on_other_options = restart_on_other_options
+        self.tar_path = work_dir / f"shard-{shard_id}.tar.tmp-{purpose}"
+        self.record_path = work_dir / f"shard-{shard_id}.jsonl.tmp-{purpose}"
+        # One lock for every purpose, so a download and a retry of a shard exclude each other.
         self.lock_path = work_dir / f"shard-{shard_id}.lock.tmp-download"
         self.rows: list[dict] = []
         self.resumed = 0
@@ -117,12 +130,46 @@ class ShardWriter:
             start = self._tar.tell()
             self._tar.write(header)
             self._tar.write(data)
-            self._tar.write(b"\0" * (_padded(len(data)) - len(data)))
+            self._tar.write(b"\0" * (padded_size(len(data)) - len(data)))
             self._tar.flush()
             row["offset"] = start + len(header)
         self._record.write(json.dumps(row, sort_keys=True) + "\n")
         self._record.flush()
         self.rows.append(row)
+
+    def seed(self, rows: list[dict], tar_path: Path, tar_end: int) -> None:
+        """Start an empty working copy from a published shard.
+
+        Copies the first `tar_end` bytes of the published tar (its members, without the
+        end-of-archive blocks), so `rows` keep their offsets, then records `rows` in one
+        atomic replace of the progress record. A run killed before that replace leaves no
+        rows, and the next run seeds again. Seeded rows count as resumed.
+        """
+        if self.rows:
+            raise StageError(f"shard {self.shard_id}: cannot seed a working copy that already "
+                             f"records {len(self.rows)} samples")
+        size = tar_path.stat().st_size
+        if size < tar_end:
+            raise StageError(f"{tar_path} has {size} bytes, but its manifest places members up "
+                             f"to byte {tar_end}; download the shard again")
+        self._tar.seek(0)
+        self._tar.truncate(0)
+        with open(tar_path, "rb") as source:
+            remaining = tar_end
+            while remaining:
+                chunk = source.read(min(remaining, 1 << 20))
+                if not chunk:
+                    raise StageError(f"{tar_path} ended early while being copied")
+                self._tar.write(chunk)
+                remaining -= len(chunk)
+        self._tar.flush()
+        os.fsync(self._tar.fileno())
+
+        self.rows = [dict(row) for row in rows]
+        self.resumed += len(self.rows)
+        self._record.close()
+        self._rewrite_record()
+        self._record = open(self.record_path, "a", encoding="utf-8")  # noqa: SIM115
 
     def finish(self) -> Path:
         """Close the tar with its end-of-archive blocks and return its path."""
@@ -169,6 +216,10 @@ class ShardWriter:
             logger.warning("shard %s: progress record has format %r, expected %d; starting "
                            "over", self.shard_id, header.get("format"), RECORD_FORMAT)
             return []
+        if header.get("options") != self.options and self.restart_on_other_options:
+            logger.warning("shard %s: progress record %s was written with other options; "
+                           "starting over", self.shard_id, self.record_path)
+            return []
         if header.get("options") != self.options:
             raise StageError(
                 f"shard {self.shard_id} was partly downloaded with options "
@@ -192,7 +243,7 @@ class ShardWriter:
         end = 0
         for row in self.rows:
             if row["status"] == "ok":
-                member_end = row["offset"] + _padded(row["bytes"])
+                member_end = row["offset"] + padded_size(row["bytes"])
                 if member_end > size:
                     logger.warning("shard %s: sample %s has no complete tar member, "
                                    "fetching it again", self.shard_id, row["photo_id"])
