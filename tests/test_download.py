@@ -623,3 +623,36 @@ def test_retry_failed_discards_stale_retry(server, artifact_root):
     assert manifest[32]["status"] == "ok"
     assert server.requests["/busy/32_aa.jpg"] == 2
     assert read_tar(artifact_root)["31.jpg"] == make_jpeg(31)
+
+
+def test_rate_limiter_spaces_request_starts():
+    import asyncio
+
+    from tasks.download.fetch import RateLimiter
+
+    limiter = RateLimiter(rate=100.0)
+
+    async def five_requests():
+        await asyncio.gather(*(limiter.wait() for _ in range(5)))
+        return limiter.next_start
+
+    started = time.monotonic()
+    next_start = asyncio.run(five_requests())
+
+    # Five starts booked 10 ms apart put the next free slot 50 ms after the first.
+    assert next_start - started >= 0.05 - 1e-3
+
+
+def test_rate_limited_shard_downloads_everything(server, artifact_root):
+    cases = fault_cases(server)
+    write_plan(artifact_root, {1: cases[1][0], 2: cases[2][0]})
+
+    download.run(make_config(artifact_root, *FAST_OPTIONS, "--max-requests-per-second", "50"))
+
+    assert len(read_manifest(artifact_root)) == 2
+
+
+@pytest.mark.parametrize("value", ["0.0001x", "-1", "inf", "nan"])
+def test_invalid_rate_limit(artifact_root, value):
+    with pytest.raises((ConfigError, SystemExit)):
+        make_config(artifact_root, "--max-requests-per-second", value)

@@ -50,6 +50,10 @@ def metadata_params() -> dict[str, Param]:
         ),
         "download_concurrency": Param(64, type="integer", minimum=1, maximum=1024,
                                       title="Concurrent downloads per shard"),
+        "download_rate_limit": Param(0, type="number", minimum=0,
+                                     title="Requests per second per shard",
+                                     description="0 means no limit; up to 4 shards download "
+                                     "at once."),
     }
 
 

@@ -33,7 +33,8 @@ def metadata_to_download():
     download = mapped_stage_task(
         "download",
         ROOT_ARGUMENTS + ["--mirror-base-url", "{{ params.mirror_base_url }}",
-                          "--concurrency", "{{ params.download_concurrency }}"],
+                          "--concurrency", "{{ params.download_concurrency }}",
+                          "--max-requests-per-second", "{{ params.download_rate_limit }}"],
         expand=shard_arguments,
         max_active_tis_per_dag=4,
         outlets=[IMAGES],

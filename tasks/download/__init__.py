@@ -87,6 +87,7 @@ class Config:
     timeout: float = 10.0
     retries: int = 3
     backoff_base: float = 1.0
+    max_requests_per_second: float | None = None
     mirror_base_url: str | None = None
     min_size: int = 1024
     min_edge: int = 64
@@ -118,6 +119,10 @@ class Config:
         if args.backoff_base < 0:
             raise ConfigError(f"--backoff-base must be zero or more seconds, got "
                               f"{args.backoff_base}")
+        rate = args.max_requests_per_second or None  # 0, as the DAG may pass, means none
+        if rate is not None and not 0 < rate < float("inf"):
+            raise ConfigError(f"--max-requests-per-second must be a positive number, got "
+                              f"{args.max_requests_per_second}")
         if not args.max_aspect_ratio >= 1:
             raise ConfigError(f"--max-aspect-ratio must be at least 1 (a square image), got "
                               f"{args.max_aspect_ratio}")
@@ -139,7 +144,8 @@ class Config:
         return cls(
             artifact_root=args.artifact_root, shard=args.shard,
             concurrency=args.concurrency, per_host=args.per_host, timeout=args.timeout,
-            retries=args.retries, backoff_base=args.backoff_base, mirror_base_url=mirror,
+            retries=args.retries, backoff_base=args.backoff_base,
+            max_requests_per_second=rate, mirror_base_url=mirror,
             min_size=args.min_size, min_edge=args.min_edge,
             max_aspect_ratio=args.max_aspect_ratio, max_pixels=args.max_pixels,
             max_bytes=args.max_bytes, placeholder_sha256=placeholders,
@@ -176,6 +182,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=defaults.retries,
                         help="extra attempts after a timeout, connection error, truncated "
                         f"body or HTTP 408/425/429/5xx (default: {defaults.retries})")
+    parser.add_argument("--max-requests-per-second", type=float, default=None,
+                        help="start at most this many requests per second in this shard, "
+                        "retries included; with N shards downloading at once the total is N "
+                        "times this (default: no limit)")
     parser.add_argument("--backoff-base", type=float, default=defaults.backoff_base,
                         help="seconds before the first retry, doubled per attempt with "
                         "jitter; a Retry-After header takes precedence "
@@ -376,7 +386,8 @@ class _FailureLog:
 async def download_samples(samples: list[dict], config: Config, writer: ShardWriter) -> None:
     """Fetch, check and record `samples` with `config.concurrency` workers."""
     settings = FetchSettings(config.concurrency, config.per_host, config.timeout,
-                             config.retries, config.backoff_base, config.max_bytes)
+                             config.retries, config.backoff_base, config.max_bytes,
+                             config.max_requests_per_second)
     limits = Limits(config.min_size, config.min_edge, config.max_aspect_ratio,
                     config.max_pixels,
                     KNOWN_PLACEHOLDER_SHA256 | frozenset(config.placeholder_sha256))
@@ -440,7 +451,8 @@ def publish_shard(store: ArtifactStore, config: Config, writer: ShardWriter,
         "options": config.output_options(),
         "settings": {name: value for name, value in asdict(config).items()
                      if name in ("concurrency", "per_host", "timeout", "retries",
-                                 "backoff_base", "mirror_base_url", "source",
+                                 "backoff_base", "max_requests_per_second",
+                                 "mirror_base_url", "source",
                                  "s3_mirror_uri")},
     }
     store.write_json(shard_stats_key(config.shard), stats)

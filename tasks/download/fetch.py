@@ -37,6 +37,25 @@ class FetchSettings:
     retries: int
     backoff_base: float
     max_bytes: int
+    # Request starts per second across the whole shard; None means no limit.
+    max_requests_per_second: float | None = None
+
+
+class RateLimiter:
+    """Space request starts at least `1 / rate` seconds apart across all tasks of a shard."""
+
+    def __init__(self, rate: float):
+        self.interval = 1.0 / rate
+        self.next_start = 0.0
+        self.lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        async with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next_start)
+            self.next_start = start + self.interval
+        if start > now:
+            await asyncio.sleep(start - now)
 
 
 @dataclass
@@ -108,6 +127,8 @@ class Fetcher:
         self.settings = settings
         self.rng = rng or random.Random()
         self.session: aiohttp.ClientSession | None = None
+        rate = settings.max_requests_per_second
+        self.rate_limiter = RateLimiter(rate) if rate else None
 
     async def __aenter__(self) -> Fetcher:
         connector = aiohttp.TCPConnector(
@@ -150,6 +171,8 @@ class Fetcher:
 
     async def _attempt(self, url: str) -> FetchResult:
         assert self.session is not None, "use Fetcher as an async context manager"
+        if self.rate_limiter is not None:
+            await self.rate_limiter.wait()
         try:
             async with self.session.get(url, allow_redirects=True,
                                         max_redirects=MAX_REDIRECTS) as response:
