@@ -97,8 +97,10 @@ def _percent_decode_buffer(array):
     keep = np.ones(len(data), bool)
     keep[triples + 1] = False
     keep[triples + 2] = False
-    removed = np.concatenate([[0], np.cumsum(~keep)])
-    new_offsets = (offsets - removed[offsets]).astype(np.int32)
+    # Each triple lies inside one value and gives back two bytes, so a value starts
+    # 2 * (triples before its offset) bytes earlier than it did.
+    removed = 2 * np.searchsorted(triples, offsets, side="left")
+    new_offsets = (offsets - removed).astype(np.int32)
     decoded = pa.StringArray.from_buffers(len(array), pa.py_buffer(new_offsets),
                                           pa.py_buffer(data[keep].tobytes()),
                                           array.buffers()[0], array.null_count)

@@ -473,3 +473,22 @@ def test_rapidgzip_decoder_reads_bz2(tmp_path, sample_tsv):
     assert summary["rows"] == 600
     with pytest.raises(StageError, match="truncated.bz2"):
         convert(str(tmp_path / "root-truncated"), truncated, decoder="rapidgzip")
+
+
+@pytest.mark.parametrize("alphabet", ["%+g4,17x", "%+aF0g,9\u00e9"])
+def test_vectorized_url_decode_matches_unquote_plus(alphabet):
+    import random
+
+    import pyarrow as pa
+
+    from tasks.metadata_convert import _url_decode
+
+    rng = random.Random(0)
+    values = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
+              for _ in range(20000)]
+
+    decoded = _url_decode(pa.array(values)).to_pylist()
+
+    mismatches = [v for v, d in zip(values, decoded, strict=True)
+                  if d != urllib.parse.unquote_plus(v)]
+    assert mismatches == []
