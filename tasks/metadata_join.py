@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,6 +238,10 @@ def convert(datasets: list[Input], sides: dict[str, Input], old_layout: bool, st
         writer = PartWriter(store, version, config.part_rows, Path(tmp))
         side_files = [SideFile(role, source, config.decoder, config.block_bytes, stack)
                       for role, source in sides.items()]
+        # One Parquet write runs in a thread while the next block is parsed and typed;
+        # waiting for it before submitting the next keeps at most two blocks in memory.
+        write_thread = stack.enter_context(ThreadPoolExecutor(1, "parquet-writer"))
+        pending_write = None
         lines_before = 0
         for source in datasets:
             line_map = LineMap()
@@ -256,11 +261,16 @@ def convert(datasets: list[Input], sides: dict[str, Input], old_layout: bool, st
                     if batch.num_rows == 0:
                         continue
                     batch = _join_side_files(batch, lines, lines_before, side_files, source.uri)
-                    writer.write(convert_batch(batch, lines, rejects, source.uri))
+                    table = convert_batch(batch, lines, rejects, source.uri)
+                    if pending_write is not None:
+                        pending_write.result()
+                    pending_write = write_thread.submit(writer.write, table)
             file_lines = parsed + len(line_map.dropped)
             lines_before += file_lines
             for side in side_files:  # skip the side lines of trailing dropped lines
                 side.take(lines_before - side.consumed)
+        if pending_write is not None:
+            pending_write.result()
         for side in side_files:
             side.finish(lines_before)
         writer.close()
