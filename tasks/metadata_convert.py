@@ -249,10 +249,10 @@ def convert_batch(batch, lines, rejects: Rejects, source: str):
 
     lines = pa.array(lines, pa.int64())
     batch, lines = _decode_utf8(batch, lines, rejects, source)
-    digits = "^[0-9]+$"
-    valid = pc.and_(pc.match_substring_regex(batch.column("line_number"), digits),
-                    pc.match_substring_regex(batch.column("photo_id"), digits))
-    valid = pc.and_(valid, pc.match_substring_regex(batch.column("date_uploaded_text"), digits))
+    # ascii_is_decimal: non-empty and only the ASCII digits 0-9.
+    valid = pc.and_(pc.ascii_is_decimal(batch.column("line_number")),
+                    pc.ascii_is_decimal(batch.column("photo_id")))
+    valid = pc.and_(valid, pc.ascii_is_decimal(batch.column("date_uploaded_text")))
     valid = pc.and_(valid, pc.is_in(batch.column("marker"), pa.array(["0", "1"])))
     valid = pc.fill_null(valid, False)
     if not pc.all(valid).as_py():
