@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,12 +157,48 @@ def _file_sha256(path: Path) -> str:
 
 
 def _describe(role: str, uri: str) -> dict:
-    """Identify one input: size and ETag from a HEAD for S3, size and SHA-256 locally."""
+    """Identify one input: size and ETag from a HEAD for S3, size and mtime locally.
+
+    The SHA-256 of a local file is added by `_add_checksums`, which costs a full read.
+    """
     if is_s3_uri(uri):
         return {"role": role, **head_s3_object(uri)}
     with open_input(uri) as path:
-        return {"role": role, "uri": uri, "bytes": path.stat().st_size,
-                "sha256": _file_sha256(path)}
+        status = path.stat()
+        return {"role": role, "uri": uri, "bytes": status.st_size,
+                "mtime_ns": status.st_mtime_ns}
+
+
+def _add_checksums(identities: list[dict]) -> list[dict]:
+    """Return `identities` with the SHA-256 of every local file."""
+    checked = []
+    for identity in identities:
+        if is_s3_uri(identity["uri"]):
+            checked.append(identity)
+            continue
+        with open_input(identity["uri"]) as path:
+            checked.append({**identity, "sha256": _file_sha256(path)})
+    return checked
+
+
+def _without(identities: list[dict], key: str) -> list[dict]:
+    return [{k: v for k, v in identity.items() if k != key} for identity in identities]
+
+
+def _unchanged(previous: dict | None, identities: list[dict], options: dict) -> bool:
+    """Whether the committed metadata was made from these sources with these options.
+
+    Equal sizes and mtimes mean unchanged. When only mtimes differ, the files are hashed
+    and compared by SHA-256, so a touched but identical file is still a no-op.
+    """
+    if not previous or previous["options"] != options:
+        return False
+    before = previous.get("sources") or []
+    if _without(before, "sha256") == identities:
+        return True
+    if _without(_without(before, "sha256"), "mtime_ns") != _without(identities, "mtime_ns"):
+        return False
+    return _without(_add_checksums(identities), "mtime_ns") == _without(before, "mtime_ns")
 
 
 def _first_line_columns(path: Path) -> int | None:
@@ -196,10 +233,14 @@ def run(config: Config) -> dict:
     options = {"part_rows": config.part_rows, "format": MANIFEST_FORMAT,
                "layout": 23 if config.old_layout else 25}
     previous = store.read_json(MANIFEST_KEY) if store.exists(MANIFEST_KEY) else None
-    if previous and previous.get("sources") == identities and previous["options"] == options:
+    if _unchanged(previous, identities, options):
         logger.info("metadata is up to date with %d source files; nothing to do",
                     len(identities))
         return {"rows": previous["rows"], "changed": False, "manifest": MANIFEST_KEY}
+    # Local files are hashed in a thread while the conversion reads them.
+    hashing = ThreadPoolExecutor(1, "source-sha256")
+    checksums = hashing.submit(_add_checksums, identities)
+    hashing.shutdown(wait=False)
 
     version = "v-" + hashlib.sha256(json.dumps([identities, options]).encode()).hexdigest()[:12]
     downloads = []
@@ -234,7 +275,7 @@ def run(config: Config) -> dict:
             f"see {store.url(result['rejects'])}, fix the source or raise the limit"
         )
 
-    manifest = {"format": MANIFEST_FORMAT, "sources": identities, "options": options,
+    manifest = {"format": MANIFEST_FORMAT, "sources": checksums.result(), "options": options,
                 "version": version, "downloads": downloads, **result}
     store.write_json(MANIFEST_KEY, manifest)
     if previous and previous.get("version") != version:

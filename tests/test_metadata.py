@@ -1,6 +1,7 @@
 import bz2
 import gzip
 import json
+import os
 import urllib.parse
 from datetime import datetime
 
@@ -492,3 +493,29 @@ def test_vectorized_url_decode_matches_unquote_plus(alphabet):
     mismatches = [v for v, d in zip(values, decoded, strict=True)
                   if d != urllib.parse.unquote_plus(v)]
     assert mismatches == []
+
+
+def test_touched_unchanged_source_is_a_no_op(tmp_path, artifact_root, sample_tsv):
+    source = tmp_path / "dataset.tsv"
+    source.write_bytes(sample_tsv.read_bytes())
+    convert(artifact_root, source)
+    os.utime(source, ns=(1, 1))
+
+    assert convert(artifact_root, source)["changed"] is False
+
+
+def test_same_size_new_content_is_converted(tmp_path, artifact_root, sample_tsv):
+    source = tmp_path / "dataset.tsv"
+    data = sample_tsv.read_bytes()
+    source.write_bytes(data)
+    convert(artifact_root, source)
+    source.write_bytes(data.replace(b"Canon", b"Kanon", 1))
+    os.utime(source, ns=(2, 2))
+
+    summary = convert(artifact_root, source)
+
+    assert summary["changed"] is True
+    devices = metadata.load_metadata(ArtifactStore(artifact_root))["device"].to_pylist()
+    assert "Kanon PowerShot ELPH 310 HS" in devices
+    manifest = ArtifactStore(artifact_root).read_json(metadata.MANIFEST_KEY)
+    assert len(manifest["sources"][0]["sha256"]) == 64
