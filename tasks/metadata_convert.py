@@ -69,8 +69,8 @@ def output_schema():
 _HEX_VALUES = {ord(c): int(c, 16) for c in "0123456789abcdefABCDEF"}
 
 
-def _percent_decode_buffer(array):
-    """Percent-decode every value of a string array in one numpy pass over its buffer.
+def _unquote_plus_buffer(array):
+    """`unquote_plus` every value of a string array in one numpy pass over its buffer.
 
     Returns None when the decoded bytes are not valid UTF-8, so the caller can fall
     back to Python, which replaces invalid sequences as `urllib.parse.unquote` does.
@@ -79,9 +79,14 @@ def _percent_decode_buffer(array):
     import pyarrow as pa
 
     array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
-    array = pa.concat_arrays([array])  # a fresh array whose offsets start at 0
-    offsets = np.frombuffer(array.buffers()[1], np.int32)[: len(array) + 1]
+    start = array.offset
+    offsets = np.frombuffer(array.buffers()[1], np.int32)[start: start + len(array) + 1]
+    if array.offset != 0 or (len(offsets) and offsets[0] != 0):
+        array = pa.concat_arrays([array])  # a fresh array whose offsets start at 0
+        offsets = np.frombuffer(array.buffers()[1], np.int32)[: len(array) + 1]
     data = np.frombuffer(array.buffers()[2], np.uint8)[: offsets[-1]].copy()
+    # '+' means a space; a '+' that was written as %2B is decoded after this, so it stays.
+    data[data == ord("+")] = ord(" ")
 
     lookup = np.full(256, -1, np.int16)
     for code, value in _HEX_VALUES.items():
@@ -93,6 +98,11 @@ def _percent_decode_buffer(array):
     valid = (high >= 0) & (low >= 0) & (candidates + 2 < owner_end)
     # Triples cannot overlap: both digits of a triple are hex, so neither is a '%'.
     triples = candidates[valid]
+    if len(triples) == 0:
+        # Only spaces changed, which keeps valid UTF-8 valid.
+        return pa.StringArray.from_buffers(len(array), pa.py_buffer(offsets.copy()),
+                                           pa.py_buffer(data.tobytes()), array.buffers()[0],
+                                           array.null_count)
     data[triples] = (lookup[data[triples + 1]] * 16 + lookup[data[triples + 2]]).astype(np.uint8)
     keep = np.ones(len(data), bool)
     keep[triples + 1] = False
@@ -116,13 +126,11 @@ def _url_decode(array):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    spaced = pc.replace_substring(array, "+", " ")
-    escaped = pc.fill_null(pc.match_substring(array, "%"), False)
-    if not pc.any(escaped).as_py():
-        return spaced
-    decoded = _percent_decode_buffer(spaced)
+    decoded = _unquote_plus_buffer(array)
     if decoded is not None:
         return decoded
+    spaced = pc.replace_substring(array, "+", " ")
+    escaped = pc.fill_null(pc.match_substring(array, "%"), False)
     values = [urllib.parse.unquote(value) for value in spaced.filter(escaped).to_pylist()]
     return pc.replace_with_mask(spaced, escaped, pa.array(values, pa.string()))
 

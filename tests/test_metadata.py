@@ -519,3 +519,15 @@ def test_same_size_new_content_is_converted(tmp_path, artifact_root, sample_tsv)
     assert "Kanon PowerShot ELPH 310 HS" in devices
     manifest = ArtifactStore(artifact_root).read_json(metadata.MANIFEST_KEY)
     assert len(manifest["sources"][0]["sha256"]) == 64
+
+
+def test_url_decode_of_sliced_array():
+    import pyarrow as pa
+
+    from tasks.metadata_convert import _url_decode
+
+    values = ["a+b", "%41%42", "x%2By", "plain", None, "c%20d"]
+
+    decoded = _url_decode(pa.array(values).slice(2, 4)).to_pylist()
+
+    assert decoded == ["x+y", "plain", None, "c d"]
