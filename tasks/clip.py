@@ -40,6 +40,7 @@ import numpy as np
 from tasks.errors import ConfigError, StageError
 from tasks.images import ShardReader, shard_tar_key
 from tasks.log import ProgressLogger
+from tasks.options import require_minimum
 from tasks.storage import ArtifactStore
 
 logger = logging.getLogger(__name__)
@@ -81,14 +82,10 @@ class Config:
     def from_args(cls, args: argparse.Namespace) -> Config:
         from tasks.clip_models import resolve_weights
 
-        if args.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+        require_minimum({"--batch-size": args.batch_size, "--chunk-size": args.chunk_size,
+                         "--max-chunks": args.max_chunks})
         if args.workers < 0:
             raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
-        if args.chunk_size < 1:
-            raise ConfigError(f"--chunk-size must be at least 1, got {args.chunk_size}")
-        if args.max_chunks is not None and args.max_chunks < 1:
-            raise ConfigError(f"--max-chunks must be at least 1, got {args.max_chunks}")
         pretrained, checkpoint = resolve_weights(args.model, args.pretrained, args.checkpoint)
         return cls(artifact_root=args.artifact_root, split=args.split, bucket=str(args.bucket),
                    model=args.model, pretrained=pretrained, checkpoint=checkpoint,

@@ -38,6 +38,7 @@ from tasks.clear_layout import (
     validate_dataset_name,
 )
 from tasks.errors import ConfigError, StageError, one_line_reason
+from tasks.options import require_minimum
 from tasks.storage import ArtifactStore, is_s3_uri, open_input
 
 logger = logging.getLogger(__name__)
@@ -80,10 +81,7 @@ class Config:
         if args.arch is not None and args.arch not in RESNET_ARCHS:
             raise ConfigError(f"--arch {args.arch!r} is not supported; valid choices: "
                               f"{', '.join(RESNET_ARCHS)}")
-        for option, value in {"--image-size": args.image_size,
-                              "--batch-size": args.batch_size}.items():
-            if value < 1:
-                raise ConfigError(f"{option} must be at least 1, got {value}")
+        require_minimum({"--image-size": args.image_size, "--batch-size": args.batch_size})
         if args.workers < 0:
             raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
         return cls(args.artifact_root, args.dataset, args.name, args.moco_run, args.checkpoint,

@@ -45,6 +45,7 @@ from tasks.metadata_transfer import (
     open_decompressed,
     remove_cached,
 )
+from tasks.options import require_minimum
 from tasks.storage import ArtifactStore, is_s3_uri, open_input
 
 __all__ = ["DATASET_COLUMNS", "MANIFEST_KEY", "Config", "add_arguments", "load_metadata",
@@ -104,12 +105,8 @@ class Config:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
-        if args.part_rows < 1:
-            raise ConfigError(f"--part-rows must be at least 1, got {args.part_rows}")
-        if args.block_mib < 1:
-            raise ConfigError(f"--block-mib must be at least 1, got {args.block_mib}")
-        if args.range_mib < 1:
-            raise ConfigError(f"--range-mib must be at least 1, got {args.range_mib}")
+        require_minimum({"--part-rows": args.part_rows, "--block-mib": args.block_mib,
+                         "--range-mib": args.range_mib})
         if not 0.0 <= args.max_reject_fraction <= 1.0:
             raise ConfigError(
                 f"--max-reject-fraction must be between 0 and 1, got {args.max_reject_fraction}"

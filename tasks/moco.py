@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.errors import ConfigError, StageError
+from tasks.options import require_minimum
 from tasks.storage import ArtifactStore
 
 logger = logging.getLogger(__name__)
@@ -102,12 +103,7 @@ class Config:
         positive = {"--dim": args.dim, "--queue-size": args.queue_size, "--epochs": args.epochs,
                     "--batch-size": args.batch_size, "--image-size": args.image_size,
                     "--log-every": args.log_every, "--bn-splits": args.bn_splits}
-        for option, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{option} must be at least 1, got {value}")
-        if args.max_steps_per_epoch is not None and args.max_steps_per_epoch < 1:
-            raise ConfigError(f"--max-steps-per-epoch must be at least 1, got "
-                              f"{args.max_steps_per_epoch}")
+        require_minimum({**positive, "--max-steps-per-epoch": args.max_steps_per_epoch})
         if args.workers < 0:
             raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
         if args.queue_size < args.batch_size:

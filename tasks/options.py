@@ -27,3 +27,10 @@ def validate_name(value: str, option: str) -> str:
         raise ConfigError(f"invalid {option} {value!r}: use letters, digits, '.', '_' and '-', "
                           "starting with a letter or digit")
     return value
+
+
+def require_minimum(options: dict[str, int | None], minimum: int = 1) -> None:
+    """Raise ConfigError for the first option below `minimum`; None means not given."""
+    for option, value in options.items():
+        if value is not None and value < minimum:
+            raise ConfigError(f"{option} must be at least {minimum}, got {value}")

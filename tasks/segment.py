@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 
 from tasks.errors import ConfigError, StageError
 from tasks.images import shard_manifest_key, shard_stats_key
-from tasks.options import parse_year_range, validate_name
+from tasks.options import parse_year_range, require_minimum, validate_name
 from tasks.shards import PLAN_KEY, shard_key
 from tasks.storage import ArtifactStore, open_input
 
@@ -111,8 +111,7 @@ class Config:
         if args.mode not in MODES:
             raise ConfigError(f"invalid --mode {args.mode!r}; valid modes: {', '.join(MODES)}")
         first, last = parse_year_range(args.years)
-        if args.buckets < 1:
-            raise ConfigError(f"--buckets must be at least 1, got {args.buckets}")
+        require_minimum({"--buckets": args.buckets})
         ranges: tuple = ()
         if args.mode == "ranges":
             if not args.ranges_file:

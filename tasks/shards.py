@@ -21,9 +21,9 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 
-from tasks.errors import ConfigError, StageError
+from tasks.errors import StageError
 from tasks.metadata import load_metadata
-from tasks.options import parse_year_range
+from tasks.options import parse_year_range, require_minimum
 from tasks.storage import ArtifactStore
 
 logger = logging.getLogger(__name__)
@@ -54,13 +54,10 @@ class Config:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
-        if args.shard_size < 1:
-            raise ConfigError(f"--shard-size must be at least 1, got {args.shard_size}")
+        require_minimum({"--shard-size": args.shard_size, "--max-per-user": args.max_per_user})
         min_year = max_year = None
         if args.years:
             min_year, max_year = parse_year_range(args.years)
-        if args.max_per_user is not None and args.max_per_user < 1:
-            raise ConfigError(f"--max-per-user must be at least 1, got {args.max_per_user}")
         licenses = tuple(name.strip() for name in args.licenses.split(",") if name.strip()) \
             if args.licenses else ()
         return cls(args.artifact_root, args.shard_size,

@@ -64,6 +64,7 @@ from tasks.download.writer import ShardWriter, padded_size, write_manifest
 from tasks.errors import ConfigError, StageError
 from tasks.images import shard_manifest_key, shard_stats_key, shard_tar_key
 from tasks.log import ProgressLogger
+from tasks.options import require_minimum
 from tasks.storage import ArtifactStore
 
 logger = logging.getLogger(__name__)
@@ -105,14 +106,10 @@ class Config:
         if not re.fullmatch(r"\d{5,}", args.shard):
             raise ConfigError(f"--shard {args.shard!r} is invalid: pass a five-digit shard "
                               "id from shards/plan.json, such as 00000")
-        for option, value, minimum in [
-            ("--concurrency", args.concurrency, 1), ("--per-host", args.per_host, 1),
-            ("--retries", args.retries, 0), ("--min-size", args.min_size, 0),
-            ("--min-edge", args.min_edge, 0), ("--max-pixels", args.max_pixels, 1),
-            ("--max-bytes", args.max_bytes, 1),
-        ]:
-            if value < minimum:
-                raise ConfigError(f"{option} must be at least {minimum}, got {value}")
+        require_minimum({"--concurrency": args.concurrency, "--per-host": args.per_host,
+                         "--max-pixels": args.max_pixels, "--max-bytes": args.max_bytes})
+        require_minimum({"--retries": args.retries, "--min-size": args.min_size,
+                         "--min-edge": args.min_edge}, minimum=0)
         if not args.timeout > 0:
             raise ConfigError(f"--timeout must be a positive number of seconds, got "
                               f"{args.timeout}")
