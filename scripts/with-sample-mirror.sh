@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run a command while the local sample mirror serves real photographs on 127.0.0.1.
-# The command sees the mirror as $CLEAR_MIRROR_BASE_URL; the mirror stops when it ends.
+# The command gets the mirror's address in $CLEAR_MIRROR_BASE_URL, and the mirror stops
+# when the command ends.
 set -euo pipefail
 python=${PYTHON:-python}
 port_file=$(mktemp)

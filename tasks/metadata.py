@@ -183,7 +183,7 @@ def _without(identities: list[dict], key: str) -> list[dict]:
 
 
 def _unchanged(previous: dict | None, identities: list[dict], options: dict) -> bool:
-    """Whether the committed metadata was made from these sources with these options.
+    """Check whether the committed metadata was made from these sources and options.
 
     Equal sizes and mtimes mean unchanged. When only mtimes differ, the files are hashed
     and compared by SHA-256, so a touched but identical file is still a no-op.

@@ -238,8 +238,8 @@ def convert(datasets: list[Input], sides: dict[str, Input], old_layout: bool, st
         writer = PartWriter(store, version, config.part_rows, Path(tmp))
         side_files = [SideFile(role, source, config.decoder, config.block_bytes, stack)
                       for role, source in sides.items()]
-        # One Parquet write runs in a thread while the next block is parsed and typed;
-        # waiting for it before submitting the next keeps at most two blocks in memory.
+        # One Parquet write runs in a thread while the next block is parsed and typed.
+        # Waiting for it before submitting the next keeps at most two blocks in memory.
         write_thread = stack.enter_context(ThreadPoolExecutor(1, "parquet-writer"))
         pending_write = None
         lines_before = 0

@@ -258,8 +258,8 @@ def segment_split(store: ArtifactStore, config: Config) -> dict:
             "--years, --buckets or the ranges, or pass --allow-empty-buckets"
         )
 
-    # Bucket files go to a folder named after their inputs and options, and the summary,
-    # written last, switches readers to it; a re-segment never rewrites files in use.
+    # Bucket files go to a folder named after their inputs and options. The summary,
+    # written last, switches readers to it, so a re-segment never rewrites files in use.
     version = "v-" + hashlib.sha256(json.dumps([inputs, options]).encode()).hexdigest()[:12]
     entries = []
     for bucket, rows in buckets:

@@ -107,7 +107,8 @@ def test_docker_runtime_configuration():
     mount = cpu.mounts[0]
     assert (mount["Target"], mount["Source"], mount["Type"]) == ("/artifacts", "/srv/clear",
                                                                  "bind")
-    assert "try_number" in cpu.container_name and "map_index" in cpu.container_name
+    assert "try_number" in cpu.container_name
+    assert "map_index" in cpu.container_name
 
 
 def test_kubernetes_runtime_configuration():

@@ -19,7 +19,7 @@ def runtime_name() -> str:
 
 
 def stage_command(stage: str, arguments: list[str], python: str = "python") -> list[str]:
-    """The command line of a stage, identical in every runtime."""
+    """Build the command line of a stage, which is identical in every runtime."""
     module = "tasks.launch" if stage in DISTRIBUTED_STAGES else "tasks"
     return [python, "-m", module, stage, *arguments]
 
@@ -56,7 +56,7 @@ def _constructor_kwargs(stage: str, arguments: list[str], settings: RuntimeSetti
 
 def stage_task(stage: str, arguments: list[str], task_id: str | None = None,
                settings: RuntimeSettings | None = None, **kwargs):
-    """One task running `stage` with `arguments` (Jinja templates allowed)."""
+    """Create one task that runs `stage` with `arguments` (Jinja templates allowed)."""
     settings = settings or RuntimeSettings.load()
     operator = _operator_class(settings)
     return operator(**_constructor_kwargs(stage, arguments, settings),
@@ -65,7 +65,7 @@ def stage_task(stage: str, arguments: list[str], task_id: str | None = None,
 
 def mapped_stage_task(stage: str, arguments: list[str], expand, task_id: str | None = None,
                       settings: RuntimeSettings | None = None, **kwargs):
-    """One task per item of `expand`, a list of extra argument lists (an XComArg)."""
+    """Create one task per item of `expand`, an XComArg with a list of argument lists."""
     settings = settings or RuntimeSettings.load()
     operator = _operator_class(settings)
     partial = operator.partial(**_constructor_kwargs(stage, arguments, settings),
