@@ -47,3 +47,27 @@ def s3_root(s3_server, monkeypatch, request) -> str:
         monkeypatch.setenv(name, value)
     prefix = "".join(ch if ch.isalnum() else "-" for ch in request.node.name)
     return f"s3://{s3_server.bucket}/{prefix}"
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """A private Docker engine with the stand-in base image; stopped after the session.
+
+    Skipped where Debian's engine cannot be installed (not root, not Debian), except
+    under CI=true, where the container tests must run.
+    """
+    from docker_engine import DockerEngine, EngineError, ensure_base_image, install_packages
+
+    try:
+        install_packages()
+    except EngineError as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"the container tests cannot run: {error}")
+        pytest.skip(f"no Docker engine: {error}")
+    engine = DockerEngine()
+    engine.start()
+    try:
+        ensure_base_image(engine)
+        yield engine
+    finally:
+        engine.stop()

@@ -1,6 +1,9 @@
+import re
+
 import pytest
 
 from clear_runtime import RuntimeSettings, stage_task
+from clear_runtime.containers import container_name
 from clear_runtime.factory import GPU_POOL
 
 PIPELINE_TASKS = ["sync_metadata", "plan_shards", "shard_arguments", "download", "segment",
@@ -107,8 +110,17 @@ def test_docker_runtime_configuration():
     mount = cpu.mounts[0]
     assert (mount["Target"], mount["Source"], mount["Type"]) == ("/artifacts", "/srv/clear",
                                                                  "bind")
-    assert "try_number" in cpu.container_name
-    assert "map_index" in cpu.container_name
+
+
+def test_container_names_differ_per_try_and_are_valid():
+    first = container_name("clear_pipeline", "download", 2, 1,
+                           "manual__2026-12-04T22:00:22.718020+00:00")
+    second = container_name("clear_pipeline", "download", 2, 2,
+                            "manual__2026-12-04T22:00:22.718020+00:00")
+
+    assert first == "clear-clear_pipeline-download-2-1-manual__2026-12-04T22-00-22.718020-00-00"
+    assert second != first
+    assert re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+", second)
 
 
 def test_kubernetes_runtime_configuration():

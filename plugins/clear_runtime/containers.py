@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import json
+import re
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
 
+from clear_runtime.local import USAGE_ERROR, AirflowFailException
 from clear_runtime.settings import RuntimeSettings, s3_environment
 
-# Unique per DAG run, task, map index and try, so a retry never meets the container
-# of the try before it.
-CONTAINER_NAME = ("clear-{{ dag.dag_id }}-{{ task.task_id | replace('_', '-') }}-"
-                  "{{ ti.map_index }}-{{ ti.try_number }}-{{ run_id | slugify }}")
 KUBERNETES_SUMMARY_FILE = "/airflow/xcom/return.json"
+
+
+def container_name(dag_id: str, task_id: str, map_index: int, try_number: int,
+                   run_id: str) -> str:
+    """Return a container name that is unique per DAG run, task, map index and try.
+
+    A retry then never collides with a container left by the try before it, even one
+    that a killed worker could not remove. Characters invalid in Docker names become `-`.
+    """
+    name = (f"clear-{dag_id}-{task_id.replace('_', '-')}-{map_index}-{try_number}-"
+            f"{run_id}")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
 
 
 def _summary_from_logs(value) -> dict:
@@ -41,7 +52,6 @@ class StageDockerOperator(DockerOperator):
         super().__init__(
             image=settings.image(gpu),
             command=[*command, *extra_arguments],
-            container_name=CONTAINER_NAME,
             docker_url=settings.docker_host,
             mounts=[Mount(target=settings.artifact_mount, source=settings.artifact_volume,
                           type=mount_type)],
@@ -58,9 +68,33 @@ class StageDockerOperator(DockerOperator):
 
     def execute(self, context):
         # Credentials are resolved at run time so they never land in the serialized DAG.
-        self.private_environment = {**(self.private_environment or {}),
-                                    **s3_environment(self.s3_conn_id)}
-        return _summary_from_logs(super().execute(context))
+        self._private_environment = {**self._private_environment,
+                                     **s3_environment(self.s3_conn_id)}
+        ti = context.get("ti")
+        if ti is not None:
+            self.container_name = container_name(ti.dag_id, ti.task_id, ti.map_index,
+                                                 ti.try_number, ti.run_id)
+        try:
+            return _summary_from_logs(super().execute(context))
+        except DockerContainerFailedException as error:
+            if _exit_status(error) == USAGE_ERROR:
+                raise AirflowFailException(
+                    f"stage {self.stage} rejected its input: {_last_line(error.logs)}"
+                ) from error
+            raise
+
+
+def _exit_status(error: DockerContainerFailedException) -> int | None:
+    # The provider reports the container's wait() result in its message.
+    match = re.search(r"'StatusCode': (\d+)", str(error))
+    return int(match.group(1)) if match else None
+
+
+def _last_line(logs) -> str:
+    lines = [line.decode("utf-8", "replace") if isinstance(line, bytes) else str(line)
+             for line in logs or []]
+    lines = [line.strip() for line in lines if line.strip()]
+    return lines[-1] if lines else ""
 
 
 class StagePodOperator(KubernetesPodOperator):

@@ -2,8 +2,10 @@
 
 Defaults run the embedded sample: the bundled 600 real YFCC100M lines, downloads from
 the local sample mirror, the tiny CLIP model with weights written by `make setup`.
-Environment variables `CLEAR_ARTIFACT_ROOT`, `CLEAR_METADATA_SOURCE`,
-`CLEAR_MIRROR_BASE_URL` and `CLEAR_CLIP_CHECKPOINT` override the defaults.
+With the `docker` or `kubernetes` runtime the same files come from inside the task
+images (`/opt/clear/...`) and the artifact root is the shared mount. Environment
+variables `CLEAR_ARTIFACT_ROOT`, `CLEAR_METADATA_SOURCE`, `CLEAR_MIRROR_BASE_URL`,
+`CLEAR_CLIP_CHECKPOINT` and `CLEAR_CONCEPT_CONFIG` override the defaults.
 """
 
 from __future__ import annotations
@@ -13,24 +15,49 @@ from pathlib import Path
 
 from airflow.sdk import Param
 
+from clear_runtime.settings import RuntimeSettings
+
 REPOSITORY = Path(__file__).resolve().parents[2]
+# Paths of the embedded sample's files inside the images built from images/tasks-*.
+IMAGE_FILES = {
+    "metadata_source": "/opt/clear/sample/yfcc100m_dataset_sample.tsv",
+    "clip_checkpoint": "/opt/clear/models/clear-tiny.pt",
+    "concept_config": "/opt/clear/configs/sample_concepts.json",
+}
+REPOSITORY_FILES = {
+    "metadata_source": str(REPOSITORY / "tests" / "data" / "yfcc100m_dataset_sample.tsv"),
+    "clip_checkpoint": str(REPOSITORY / ".cache/models/clear-tiny.pt"),
+    "concept_config": str(REPOSITORY / "tasks" / "configs" / "sample_concepts.json"),
+}
 
 
 def _default(name: str, fallback: str) -> str:
     return os.environ.get(name, fallback)
 
 
-def metadata_params() -> dict[str, Param]:
+def _sample_file(settings: RuntimeSettings, param: str, variable: str) -> str:
+    """Return the path of an embedded sample file for the runtime: repository or image."""
+    files = REPOSITORY_FILES if settings.runtime == "local" else IMAGE_FILES
+    return _default(variable, files[param])
+
+
+def _artifact_root(settings: RuntimeSettings) -> str:
+    fallback = (str(REPOSITORY / "artifacts") if settings.runtime == "local"
+                else settings.artifact_mount)
+    return _default("CLEAR_ARTIFACT_ROOT", fallback)
+
+
+def metadata_params(settings: RuntimeSettings | None = None) -> dict[str, Param]:
     """Parameters of the stages up to and including download."""
+    settings = settings or RuntimeSettings.load()
     return {
         "artifact_root": Param(
-            _default("CLEAR_ARTIFACT_ROOT", str(REPOSITORY / "artifacts")), type="string",
+            _artifact_root(settings), type="string",
             minLength=1, title="Artifact root",
             description="Local folder, file:// or s3://bucket/prefix for every output.",
         ),
         "metadata_source": Param(
-            _default("CLEAR_METADATA_SOURCE",
-                     str(REPOSITORY / "tests" / "data" / "yfcc100m_dataset_sample.tsv")),
+            _sample_file(settings, "metadata_source", "CLEAR_METADATA_SOURCE"),
             type="string", minLength=1, title="Metadata source",
             description="yfcc100m_dataset file (25 columns): path or s3:// URI, plain, "
             ".bz2 or .gz.",
@@ -57,10 +84,11 @@ def metadata_params() -> dict[str, Param]:
     }
 
 
-def pipeline_params() -> dict[str, Param]:
+def pipeline_params(settings: RuntimeSettings | None = None) -> dict[str, Param]:
     """Parameters of the whole pipeline DAG."""
+    settings = settings or RuntimeSettings.load()
     return {
-        **metadata_params(),
+        **metadata_params(settings),
         "split": Param("default", type="string", pattern=r"^[A-Za-z0-9_.-]+$",
                        title="Split name", description="Bucketing name under buckets/."),
         "split_mode": Param("equal", type="string", enum=["year", "equal", "ranges"],
@@ -75,13 +103,12 @@ def pipeline_params() -> dict[str, Param]:
         "clip_pretrained": Param("", type="string", title="CLIP pretrained tag",
                                  description="open_clip pretrained tag, e.g. openai."),
         "clip_checkpoint": Param(
-            _default("CLEAR_CLIP_CHECKPOINT", str(REPOSITORY / ".cache/models/clear-tiny.pt")),
+            _sample_file(settings, "clip_checkpoint", "CLEAR_CLIP_CHECKPOINT"),
             type="string", title="CLIP checkpoint path",
             description="Local weights file; used when no pretrained tag is given.",
         ),
         "concept_config": Param(
-            _default("CLEAR_CONCEPT_CONFIG",
-                     str(REPOSITORY / "tasks" / "configs" / "sample_concepts.json")),
+            _sample_file(settings, "concept_config", "CLEAR_CONCEPT_CONFIG"),
             type="string", minLength=1, title="Concept config",
             description="CLEAR curation JSON (NAME, GROUP, NUM_OF_IMAGES_PER_CLASS_PER_BUCKET...).",
         ),
