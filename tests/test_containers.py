@@ -269,3 +269,40 @@ def test_rejected_input_fails_without_retry(docker_engine, cpu_image, tmp_path):
         operator.execute({})
     listed = docker_engine.docker("ps", "--all", "--format", "{{.Names}}").stdout.split()
     assert "clear-test-rejected-input" not in listed
+
+
+def test_s3_credentials_come_from_an_airflow_connection(docker_engine, cpu_image, s3_server,
+                                                        monkeypatch, tmp_path):
+    """A container writes to an s3:// root with the keys of an Airflow connection only."""
+    from clear_runtime.containers import StageDockerOperator
+    from clear_runtime.factory import stage_command
+    from clear_runtime.settings import RuntimeSettings
+
+    for name in s3_server.environment:
+        monkeypatch.delenv(name, raising=False)
+    environment = s3_server.environment
+    monkeypatch.setenv("AIRFLOW_CONN_CLEAR_TEST_S3", json.dumps({
+        "conn_type": "aws", "login": environment["AWS_ACCESS_KEY_ID"],
+        "password": environment["AWS_SECRET_ACCESS_KEY"],
+        "extra": {"endpoint_url": s3_server.endpoint, "region_name": "us-east-1"}}))
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    settings = RuntimeSettings(runtime="docker", docker_host=docker_engine.host,
+                               docker_network="host", artifact_volume=str(volume),
+                               shm_size_bytes=64 << 20, s3_conn_id="clear_test_s3")
+    root = f"s3://{s3_server.bucket}/docker-connection"
+    operator = StageDockerOperator(
+        task_id="sync_metadata", stage="sync-metadata", settings=settings,
+        command=stage_command("sync-metadata", [
+            "--artifact-root", root, "--source",
+            "/opt/clear/sample/yfcc100m_dataset_sample.tsv"]))
+    operator.container_name = "clear-test-s3-connection"
+
+    summary = operator.execute({})
+
+    assert summary["stage"] == "sync-metadata"
+    assert summary["rows"] == 600
+    listed = s3_server.client().list_objects_v2(Bucket=s3_server.bucket,
+                                                Prefix="docker-connection/metadata/")
+    assert "docker-connection/metadata/manifest.json" in {item["Key"] for item in
+                                                          listed["Contents"]}
