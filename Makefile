@@ -14,7 +14,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export CLEAR_ARTIFACT_ROOT = $(ARTIFACT_ROOT)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup airflow-db run dag-test test lint bench lock clean
+.PHONY: setup airflow-db run dag-test test lint bench lock clean images up down
 
 setup: $(VENV)/.installed $(TINY_CLIP)
 
@@ -55,11 +55,41 @@ lint: setup
 bench: setup
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
 
-# Re-resolve requirements/main.in into the pinned lock file.
+# Re-resolve requirements/main.in into the pinned lock file, then pin each image's
+# requirements to the same versions.
 lock:
 	rm -rf /tmp/clear-lock-venv && $(PYTHON) -m venv /tmp/clear-lock-venv
 	/tmp/clear-lock-venv/bin/pip install --quiet -r requirements/main.in
 	/tmp/clear-lock-venv/bin/pip freeze --exclude-editable > requirements/lock.txt
+	for image in cpu torch airflow; do \
+	    $(BIN)/python scripts/lock_subset.py requirements/$$image.in \
+	        requirements/$$image-lock.txt || exit 1; \
+	done
+
+# The task and Airflow images, built from the repository root with the local engine.
+DOCKER ?= docker
+IMAGE_VERSION ?= 0.1.0
+IMAGES ?= tasks-cpu tasks-torch airflow
+images:
+	for image in $(IMAGES); do \
+	    $(DOCKER) build $(DOCKER_BUILD_FLAGS) --file images/$$image/Dockerfile \
+	        --build-arg VERSION=$(IMAGE_VERSION) \
+	        --tag clear-pipeline/$$image:$(IMAGE_VERSION) . || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .airflow artifacts .cache
+
+# The single-host stack of docker/compose.yaml, from the images that `make images` builds.
+# `$(DOCKER) compose` when installed, else docker-compose (1.29 or later).
+COMPOSE = $(shell $(DOCKER) compose version > /dev/null 2>&1 && echo "$(DOCKER) compose" || echo docker-compose)
+DOCKER_SOCKET ?= /var/run/docker.sock
+
+# DOCKER_GID, the socket's group, lets the scheduler's non-root user start containers.
+up:
+	DOCKER_SOCKET=$(DOCKER_SOCKET) DOCKER_GID=$${DOCKER_GID:-$$(stat -c %g $(DOCKER_SOCKET))} \
+		$(COMPOSE) -f docker/compose.yaml up -d
+
+# Keeps the volumes (database, S3 data, artifacts); `make down VOLUMES=1` deletes them.
+down:
+	$(COMPOSE) -f docker/compose.yaml down $(if $(filter 1,$(VOLUMES)),--volumes)

@@ -1,8 +1,8 @@
 """A private Docker engine for the container tests, and a local stand-in base image.
 
 `DockerEngine` starts Debian's `dockerd` with its data root, exec root and socket under
-one folder in /tmp, without iptables rules or a default bridge, so it changes nothing in
-the host's firewall or network; containers use the host network. The data root is kept
+one folder in /tmp. It adds no iptables rules and no default bridge, so it changes
+nothing in the host's firewall or network, and containers use the host network. The data root is kept
 between runs, so built layers are reused; the engine itself is always stopped.
 
 No registry is reachable from CI, so `ensure_base_image` builds the image that every
@@ -38,7 +38,8 @@ DEBIAN_PACKAGES = ("docker.io", "debootstrap", "docker-compose")
 # Debian's client matches Debian's engine; a newer client elsewhere on PATH may not.
 DOCKER = "/usr/bin/docker"
 HOST_CERTIFICATES = Path("/usr/local/share/ca-certificates")
-# Debian's python3 is 3.11 on bookworm, the same minor version as the official image.
+# Debian bookworm's python3 is 3.11.2. The official image has a later 3.11 release, so
+# the lock files must also install on 3.11.2.
 BASE_PACKAGES = "python3,python3-venv,python3-pip,ca-certificates"
 BASE_CHANGES = (
     "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -67,7 +68,7 @@ class EngineError(RuntimeError):
 
 
 def missing_packages() -> list[str]:
-    """Debian packages of DEBIAN_PACKAGES that are not installed."""
+    """Return the packages of DEBIAN_PACKAGES that are not installed."""
     missing = []
     for package in DEBIAN_PACKAGES:
         status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package],
@@ -247,6 +248,14 @@ def build_image(engine: DockerEngine, image: str, tag: str, context: Path,
     if result.returncode != 0:
         raise EngineError(f"building {tag} from {dockerfile} failed with status "
                           f"{result.returncode}" + (f"; see {log}" if log else ""))
+
+
+@contextlib.contextmanager
+def uncaptured(request):
+    """Let output through to the CI log for a module fixture, as `capsys.disabled()` does."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        yield
 
 
 def main(argv: list[str]) -> int:

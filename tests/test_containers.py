@@ -10,7 +10,6 @@ in a new container. The same DAG then runs with the local runtime on the same in
 and both sets of outputs must match.
 """
 
-import contextlib
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from docker_engine import DOCKER, build_image
+from docker_engine import DOCKER, build_image, uncaptured
 
 from tasks.sample_mirror import SampleMirror
 
@@ -43,14 +42,6 @@ VOLATILE = {"uri", "mtime_ns", "duration_seconds", "samples_per_second", "resume
 # Version folders are named from the source's path, size and time, and the image holds
 # the sample at another path than the repository, so versions are compared by content.
 VERSION = re.compile(r"v-[0-9a-f]{12}")
-
-
-@contextlib.contextmanager
-def uncaptured(request):
-    """Let output through to the CI log, as `capsys.disabled()` does for a test."""
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        yield
 
 
 def run_streamed(command, env, log: Path, prefix: str) -> int:

@@ -100,6 +100,10 @@ def test_docker_runtime_configuration():
 
     assert cpu.image == settings.cpu_image
     assert gpu.image == settings.torch_image
+    for stage in ("curate", "split"):
+        model_stage = stage_task(stage, [], settings=settings)
+        assert model_stage.image == settings.torch_image
+        assert model_stage.device_requests is None
     assert cpu.command == ["python", "-m", "tasks", "download", "--shard", "00000"]
     assert cpu.device_requests is None
     assert gpu.device_requests[0]["Count"] == -1

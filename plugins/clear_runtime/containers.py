@@ -43,14 +43,15 @@ class StageDockerOperator(DockerOperator):
     """DockerOperator that runs one stage with the project's settings applied."""
 
     def __init__(self, *, stage: str, command: list[str], extra_arguments: list[str] = (),
-                 gpu: bool = False, settings: RuntimeSettings, **kwargs):
+                 torch: bool = False, gpu: bool = False, settings: RuntimeSettings,
+                 **kwargs):
         from docker.types import DeviceRequest, Mount
 
         self.stage = stage
         self.s3_conn_id = settings.s3_conn_id
         mount_type = "bind" if settings.artifact_volume.startswith("/") else "volume"
         super().__init__(
-            image=settings.image(gpu),
+            image=settings.image(torch or gpu),
             command=[*command, *extra_arguments],
             docker_url=settings.docker_host,
             mounts=[Mount(target=settings.artifact_mount, source=settings.artifact_volume,
@@ -101,7 +102,8 @@ class StagePodOperator(KubernetesPodOperator):
     """KubernetesPodOperator that runs one stage with the project's settings applied."""
 
     def __init__(self, *, stage: str, command: list[str], extra_arguments: list[str] = (),
-                 gpu: bool = False, settings: RuntimeSettings, **kwargs):
+                 torch: bool = False, gpu: bool = False, settings: RuntimeSettings,
+                 **kwargs):
         from kubernetes.client import models as k8s
 
         self.stage = stage
@@ -122,7 +124,7 @@ class StagePodOperator(KubernetesPodOperator):
             k8s.V1EnvVar(name="CLEAR_SUMMARY_FILE", value=KUBERNETES_SUMMARY_FILE),
         ]
         super().__init__(
-            image=settings.image(gpu),
+            image=settings.image(torch or gpu),
             cmds=command[:1],
             arguments=[*command[1:], *extra_arguments],
             namespace=settings.namespace,

@@ -7,8 +7,9 @@ from airflow.sdk import task
 from clear_runtime.settings import RuntimeSettings
 
 GPU_POOL = "clear_gpu"
-# Stages that run a model; they use the torch image and, when GPU_STAGES, a GPU.
-TORCH_STAGES = {"extract-clip", "curate", "train-moco", "extract-features"}
+# Stages that import torch (split reads feature tensors); they run in the torch image
+# and, when also in GPU_STAGES, get a GPU.
+TORCH_STAGES = {"extract-clip", "curate", "train-moco", "extract-features", "split"}
 GPU_STAGES = {"extract-clip", "train-moco", "extract-features"}
 # Stages launched through torchrun with one process per visible GPU.
 DISTRIBUTED_STAGES = {"train-moco"}
@@ -51,7 +52,7 @@ def _constructor_kwargs(stage: str, arguments: list[str], settings: RuntimeSetti
         return {"stage": stage, "command_prefix": command[1:3], "arguments": command[4:],
                 "s3_conn_id": settings.s3_conn_id}
     return {"stage": stage, "command": stage_command(stage, arguments),
-            "gpu": stage in GPU_STAGES, "settings": settings}
+            "torch": stage in TORCH_STAGES, "gpu": stage in GPU_STAGES, "settings": settings}
 
 
 def stage_task(stage: str, arguments: list[str], task_id: str | None = None,

@@ -64,8 +64,9 @@ class RuntimeSettings:
             gpus_per_task=int(setting("CLEAR_GPUS_PER_TASK", str(cls.gpus_per_task))),
         )
 
-    def image(self, gpu: bool) -> str:
-        return self.torch_image if gpu else self.cpu_image
+    def image(self, torch: bool) -> str:
+        """Return the torch image for stages that run a model, else the CPU image."""
+        return self.torch_image if torch else self.cpu_image
 
 
 def s3_environment(conn_id: str) -> dict[str, str]:
