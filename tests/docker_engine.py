@@ -159,6 +159,10 @@ class DockerEngine:
         containerd_pid = self.root / "exec" / "containerd" / "containerd.pid"
         with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
             os.kill(int(containerd_pid.read_text().strip()), signal.SIGKILL)
+        # dockerd keeps its network namespace bind-mounted under the exec root after exit.
+        namespace = self.root / "exec" / "netns" / "default"
+        if os.path.ismount(namespace):
+            subprocess.run(["umount", str(namespace)], check=False)
         if self._lock is not None:
             self._lock.close()
             self._lock = None
