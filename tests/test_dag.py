@@ -116,6 +116,24 @@ def test_docker_runtime_configuration():
                                                                  "bind")
 
 
+@pytest.mark.parametrize(("gpus", "count"), [("all", -1), ("2", 2), ("0", None)])
+def test_docker_gpu_requests(gpus, count):
+    settings = RuntimeSettings(runtime="docker", docker_gpus=gpus)
+    operator = stage_task("extract-clip", ["--bucket", "0"], settings=settings)
+
+    if count is None:
+        assert operator.device_requests is None
+    else:
+        assert operator.device_requests[0]["Count"] == count
+
+
+def test_docker_gpus_setting_rejects_junk(monkeypatch):
+    monkeypatch.setenv("CLEAR_DOCKER_GPUS", "two")
+
+    with pytest.raises(ValueError, match="invalid CLEAR_DOCKER_GPUS 'two'"):
+        RuntimeSettings.load()
+
+
 def test_container_names_differ_per_try_and_are_valid():
     first = container_name("clear_pipeline", "download", 2, 1,
                            "manual__2026-12-04T22:00:22.718020+00:00")

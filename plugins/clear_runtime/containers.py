@@ -27,6 +27,16 @@ def container_name(dag_id: str, task_id: str, map_index: int, try_number: int,
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
 
 
+def _device_requests(gpus: str) -> list | None:
+    """Return the GPU request of a container: every GPU, a count, or none for "0"."""
+    from docker.types import DeviceRequest
+
+    if gpus == "0":
+        return None
+    count = -1 if gpus == "all" else int(gpus)
+    return [DeviceRequest(count=count, capabilities=[["gpu"]])]
+
+
 def _summary_from_logs(value) -> dict:
     """DockerOperator pushes the last log line; stages print their JSON summary last."""
     if isinstance(value, bytes):
@@ -45,7 +55,7 @@ class StageDockerOperator(DockerOperator):
     def __init__(self, *, stage: str, command: list[str], extra_arguments: list[str] = (),
                  torch: bool = False, gpu: bool = False, settings: RuntimeSettings,
                  **kwargs):
-        from docker.types import DeviceRequest, Mount
+        from docker.types import Mount
 
         self.stage = stage
         self.s3_conn_id = settings.s3_conn_id
@@ -58,7 +68,7 @@ class StageDockerOperator(DockerOperator):
                           type=mount_type)],
             environment={"CLEAR_ARTIFACT_ROOT": settings.artifact_mount},
             shm_size=settings.shm_size_bytes,
-            device_requests=[DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpu else None,
+            device_requests=_device_requests(settings.docker_gpus) if gpu else None,
             network_mode=settings.docker_network or None,
             auto_remove="force",
             mount_tmp_dir=False,

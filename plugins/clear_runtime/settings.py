@@ -38,6 +38,8 @@ class RuntimeSettings:
     shm_size_bytes: int = 8 << 30
     docker_host: str = "unix://var/run/docker.sock"
     docker_network: str = ""
+    # GPUs a GPU stage's container requests: "all", a count, or 0 for none (CPU hosts).
+    docker_gpus: str = "all"
     s3_conn_id: str = ""
     namespace: str = "default"
     artifact_claim: str = "clear-artifacts"
@@ -58,6 +60,7 @@ class RuntimeSettings:
             shm_size_bytes=int(setting("CLEAR_SHM_SIZE_BYTES", str(cls.shm_size_bytes))),
             docker_host=setting("CLEAR_DOCKER_HOST", cls.docker_host),
             docker_network=setting("CLEAR_DOCKER_NETWORK", ""),
+            docker_gpus=_gpu_count(setting("CLEAR_DOCKER_GPUS", cls.docker_gpus)),
             s3_conn_id=setting("CLEAR_S3_CONN_ID", ""),
             namespace=setting("CLEAR_K8S_NAMESPACE", cls.namespace),
             artifact_claim=setting("CLEAR_K8S_ARTIFACT_CLAIM", cls.artifact_claim),
@@ -67,6 +70,14 @@ class RuntimeSettings:
     def image(self, torch: bool) -> str:
         """Return the torch image for stages that run a model, else the CPU image."""
         return self.torch_image if torch else self.cpu_image
+
+
+def _gpu_count(value: str) -> str:
+    value = value.strip().lower()
+    if value != "all" and not value.isdigit():
+        raise ValueError(f"invalid CLEAR_DOCKER_GPUS {value!r}; use all, a GPU count, or 0 "
+                         "for no GPUs")
+    return value
 
 
 def s3_environment(conn_id: str) -> dict[str, str]:
