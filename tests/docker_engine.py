@@ -2,8 +2,9 @@
 
 `DockerEngine` starts Debian's `dockerd` with its data root, exec root and socket under
 one folder in /tmp. It adds no iptables rules and no default bridge, so it changes
-nothing in the host's firewall or network, and containers use the host network. The data root is kept
-between runs, so built layers are reused; the engine itself is always stopped.
+nothing in the host's firewall or network, and containers use the host network. The
+data root is kept between runs, so built layers are reused. The engine itself is
+always stopped, and one left running by a killed test run is stopped at the next start.
 
 No registry is reachable from CI, so `ensure_base_image` builds the image that every
 Dockerfile starts from, `python:3.11-slim-bookworm`, from Debian packages: debootstrap
@@ -123,6 +124,7 @@ class DockerEngine:
         # One engine per data root: a second test run waits instead of sharing it.
         self._lock = open(self.root / "engine.lock", "w")
         fcntl.flock(self._lock, fcntl.LOCK_EX)
+        self._stop_orphan()
         self.socket.unlink(missing_ok=True)
         self.log_path = self.root / "dockerd.log"
         log = open(self.log_path, "w")
@@ -146,6 +148,25 @@ class DockerEngine:
         self.stop()
         raise EngineError(f"dockerd did not answer on {self.host} within "
                           f"{self.start_timeout:.0f} s; see {self.log_path}")
+
+    def _stop_orphan(self) -> None:
+        """Stop a dockerd on this root left by a test run that died before stopping it.
+
+        The caller holds the root's lock, so no live run owns that engine.
+        """
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            pid = int((self.root / "docker.pid").read_text().strip())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if not command or Path(command[0].decode()).name != "dockerd" \
+                    or str(self.root).encode() not in b" ".join(command):
+                return
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(300):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
         """Stop the engine and the containerd it started, by their PIDs."""
