@@ -14,7 +14,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export CLEAR_ARTIFACT_ROOT = $(ARTIFACT_ROOT)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup airflow-db run dag-test test lint bench lock clean images up down
+.PHONY: setup airflow-db run dag-test test test-torch-image lint bench lock clean images up down
 
 setup: $(VENV)/.installed $(TINY_CLIP)
 
@@ -46,6 +46,11 @@ dag-test: airflow-db
 
 test: setup
 	$(BIN)/python -m pytest
+
+# Also build the torch image and run every stage of the DAG in containers, the model
+# stages on the CPU. Not part of `make test`: the image holds several GB of CUDA wheels.
+test-torch-image: setup
+	CLEAR_TORCH_IMAGE_TESTS=1 $(BIN)/python -m pytest tests/test_containers.py
 
 lint: setup
 	$(BIN)/ruff check tasks dags plugins tests benchmarks
@@ -87,6 +92,8 @@ DOCKER_SOCKET ?= /var/run/docker.sock
 
 # DOCKER_GID, the socket's group, lets the scheduler's non-root user start containers.
 up:
+	@test -S $(DOCKER_SOCKET) || { echo "no Docker socket at $(DOCKER_SOCKET); start Docker" \
+		"or set DOCKER_SOCKET to its path" >&2; exit 1; }
 	DOCKER_SOCKET=$(DOCKER_SOCKET) DOCKER_GID=$${DOCKER_GID:-$$(stat -c %g $(DOCKER_SOCKET))} \
 		$(COMPOSE) -f docker/compose.yaml up -d
 

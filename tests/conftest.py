@@ -69,5 +69,7 @@ def docker_engine():
     try:
         ensure_base_image(engine)
         yield engine
+        # Images replaced by a rebuild would otherwise pile up in the kept data root.
+        engine.docker("image", "prune", "--force", check=False)
     finally:
         engine.stop()

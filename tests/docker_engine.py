@@ -123,7 +123,12 @@ class DockerEngine:
         self.root.mkdir(parents=True, exist_ok=True)
         # One engine per data root: a second test run waits instead of sharing it.
         self._lock = open(self.root / "engine.lock", "w")
-        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.stderr.write(f"another run holds the Docker engine on {self.root}; waiting "
+                             "for it to stop (set CLEAR_DOCKER_ROOT to use another root)\n")
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
         self._stop_orphan()
         self.socket.unlink(missing_ok=True)
         self.log_path = self.root / "dockerd.log"
@@ -184,6 +189,10 @@ class DockerEngine:
         namespace = self.root / "exec" / "netns" / "default"
         if os.path.ismount(namespace):
             subprocess.run(["umount", str(namespace)], check=False)
+        # A dockerd that was killed also leaves its data root bind-mounted on itself.
+        data = self.root / "data"
+        if _mount_point(data):
+            subprocess.run(["umount", str(data)], check=False)
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -205,6 +214,17 @@ class DockerEngine:
         if names:
             self.docker("rm", "--force", *names, check=False)
         return names
+
+
+def _mount_point(path: Path) -> bool:
+    """Return whether `path` is a mount point, a bind mount on the same file system included.
+
+    os.path.ismount compares devices, so it misses such a bind mount.
+    NOTE: mountinfo escapes spaces in paths as \\040; a root with spaces is not matched.
+    """
+    mount_points = {line.split()[4] for line in
+                    Path("/proc/self/mountinfo").read_text().splitlines()}
+    return str(path) in mount_points
 
 
 def _base_key() -> str:
@@ -288,6 +308,8 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(__doc__)
         return 2
     install_packages()
+    # SIGTERM (a cancelled CI job, `timeout`) must stop the engine as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with DockerEngine() as engine:
         ensure_base_image(engine)
         return subprocess.run(argv[2:], env=engine.environment()).returncode

@@ -297,3 +297,38 @@ def test_s3_credentials_come_from_an_airflow_connection(docker_engine, cpu_image
                                                 Prefix="docker-connection/metadata/")
     assert "docker-connection/metadata/manifest.json" in {item["Key"] for item in
                                                           listed["Contents"]}
+
+
+TORCH_IMAGE = "clear-pipeline/tasks-torch:0.1.0"
+
+
+@pytest.mark.skipif(os.environ.get("CLEAR_TORCH_IMAGE_TESTS") != "1",
+                    reason="builds the multi-GB torch image; run `make test-torch-image`")
+def test_whole_dag_runs_in_containers(docker_engine, cpu_image, tmp_path, request):
+    """Every stage in its image, the model stages on the CPU (CLEAR_DOCKER_GPUS=0)."""
+    with uncaptured(request):
+        print(f"\n== building {TORCH_IMAGE} from images/tasks-torch/Dockerfile", flush=True)
+        build_image(docker_engine, "tasks-torch", TORCH_IMAGE, REPOSITORY)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    os.chown(volume, *map(int, IMAGE_USER.split(":")))
+    with SampleMirror() as mirror:
+        env = airflow_environment(
+            tmp_path / "airflow", CLEAR_RUNTIME="docker", CLEAR_DOCKER_HOST=docker_engine.host,
+            CLEAR_DOCKER_NETWORK="host", CLEAR_ARTIFACT_VOLUME=str(volume),
+            CLEAR_DOCKER_GPUS="0", CLEAR_SHM_SIZE_BYTES=str(1 << 30),
+            CLEAR_MIRROR_BASE_URL=mirror.base_url)
+        try:
+            with uncaptured(request):
+                print("\n== airflow dags test clear_pipeline, every stage in a container",
+                      flush=True)
+                status = run_streamed([str(BIN / "airflow"), "dags", "test", "clear_pipeline"],
+                                      env, tmp_path / "docker.log", "[docker runtime]")
+        finally:
+            left = docker_engine.remove_containers("clear-")
+    report = subprocess.run([sys.executable, "-m", "tasks.report", "--artifact-root",
+                             str(volume), "--check"], capture_output=True, text=True)
+
+    assert status == 0, (tmp_path / "docker.log").read_text()[-5000:]
+    assert left == []
+    assert report.returncode == 0, report.stdout + report.stderr

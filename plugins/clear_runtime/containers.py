@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
+from docker.errors import APIError, DockerException
 
-from clear_runtime.local import USAGE_ERROR, AirflowFailException
+from clear_runtime.local import USAGE_ERROR, AirflowException, AirflowFailException
 from clear_runtime.settings import RuntimeSettings, s3_environment
 
 KUBERNETES_SUMMARY_FILE = "/airflow/xcom/return.json"
@@ -59,6 +61,8 @@ class StageDockerOperator(DockerOperator):
 
         self.stage = stage
         self.s3_conn_id = settings.s3_conn_id
+        self.artifact_volume = settings.artifact_volume
+        self.artifact_mount = settings.artifact_mount
         mount_type = "bind" if settings.artifact_volume.startswith("/") else "volume"
         super().__init__(
             image=settings.image(torch or gpu),
@@ -78,6 +82,7 @@ class StageDockerOperator(DockerOperator):
         )
 
     def execute(self, context):
+        self._check_artifact_root()
         # Credentials are resolved at run time so they never land in the serialized DAG.
         self._private_environment = {**self._private_environment,
                                      **s3_environment(self.s3_conn_id)}
@@ -86,13 +91,80 @@ class StageDockerOperator(DockerOperator):
             self.container_name = container_name(ti.dag_id, ti.task_id, ti.map_index,
                                                  ti.try_number, ti.run_id)
         try:
+            self.cli  # noqa: B018 - connects to the engine
+        except AirflowException as error:
+            raise AirflowException(
+                f"cannot reach the Docker engine at {self.docker_url}: {error} Start Docker, "
+                "or set CLEAR_DOCKER_HOST to its address, e.g. unix:///var/run/docker.sock"
+            ) from error
+        try:
             return _summary_from_logs(super().execute(context))
         except DockerContainerFailedException as error:
-            if _exit_status(error) == USAGE_ERROR:
+            status = _exit_status(error)
+            if status == USAGE_ERROR:
                 raise AirflowFailException(
                     f"stage {self.stage} rejected its input: {_last_line(error.logs)}"
                 ) from error
-            raise
+            raise AirflowException(f"stage {self.stage} exited with status {status}: "
+                                   f"{_last_line(error.logs)}") from error
+        except APIError as error:
+            raise self._explain(error) from error
+
+    def _check_artifact_root(self) -> None:
+        """Reject an artifact root that only the container's own file system would hold.
+
+        Outputs there would be deleted with the container and the next stage would not
+        find them, so only s3:// URIs and paths under the artifact mount are accepted.
+        """
+        root = _argument(self.command, "--artifact-root")
+        if root is None or root.startswith("s3://"):
+            return
+        path = posixpath.normpath(root.removeprefix("file://"))
+        mount = posixpath.normpath(self.artifact_mount)
+        if path == mount or path.startswith(mount.rstrip("/") + "/"):
+            return
+        raise AirflowFailException(
+            f"artifact root {root!r} of stage {self.stage} is outside the artifact mount "
+            f"{self.artifact_mount}, so the container would delete its outputs; use a path "
+            f"under {self.artifact_mount} or an s3:// URI, and unset CLEAR_ARTIFACT_ROOT on "
+            "the scheduler if it holds a host path")
+
+    def _explain(self, error: APIError) -> Exception:
+        """Turn a Docker API error into one that names the setting to fix."""
+        message = error.explanation or str(error)
+        if "could not select device driver" in message:
+            return AirflowFailException(
+                f"stage {self.stage} requests GPUs, but the Docker engine at {self.docker_url} "
+                f"has no GPU runtime ({message}); install the NVIDIA Container Toolkit, or set "
+                "CLEAR_DOCKER_GPUS=0 to run the stage without GPUs")
+        try:
+            image_missing = not self.cli.images(name=self.image)
+        except DockerException:
+            return error
+        if image_missing:
+            # Retried, because a registry can fail for a moment.
+            return AirflowException(
+                f"image {self.image} is not on the Docker engine at {self.docker_url}, and "
+                f"pulling it failed ({message}); build it with `make images`, or set "
+                "CLEAR_CPU_IMAGE or CLEAR_TORCH_IMAGE to an image that the engine has or can "
+                "pull")
+        if error.status_code == 400 or ("network" in message and "not found" in message):
+            return AirflowFailException(
+                f"the Docker engine at {self.docker_url} rejected the container of stage "
+                f"{self.stage}: {message}; check CLEAR_ARTIFACT_VOLUME "
+                f"({self.artifact_volume!r}), CLEAR_ARTIFACT_MOUNT, CLEAR_SHM_SIZE_BYTES and "
+                "CLEAR_DOCKER_NETWORK")
+        return error
+
+
+def _argument(command: list[str], flag: str) -> str | None:
+    """Return the value of `flag` in `command`, given as `flag VALUE` or `flag=VALUE`."""
+    for index, item in enumerate(command):
+        if item == flag and index + 1 < len(command):
+            return command[index + 1]
+        if item.startswith(flag + "="):
+            return item[len(flag) + 1:]
+    return None
 
 
 def _exit_status(error: DockerContainerFailedException) -> int | None:

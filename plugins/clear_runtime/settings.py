@@ -7,9 +7,12 @@ Variable of that name, then the default below.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 RUNTIMES = ("local", "docker", "kubernetes")
+# Docker's rule for local volume names; anything else must be an absolute host folder.
+VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def setting(name: str, default: str) -> str:
@@ -55,16 +58,23 @@ class RuntimeSettings:
             runtime=runtime,
             cpu_image=setting("CLEAR_CPU_IMAGE", cls.cpu_image),
             torch_image=setting("CLEAR_TORCH_IMAGE", cls.torch_image),
-            artifact_volume=setting("CLEAR_ARTIFACT_VOLUME", cls.artifact_volume),
-            artifact_mount=setting("CLEAR_ARTIFACT_MOUNT", cls.artifact_mount),
-            shm_size_bytes=int(setting("CLEAR_SHM_SIZE_BYTES", str(cls.shm_size_bytes))),
-            docker_host=setting("CLEAR_DOCKER_HOST", cls.docker_host),
+            artifact_volume=_artifact_volume(
+                setting("CLEAR_ARTIFACT_VOLUME", cls.artifact_volume)),
+            artifact_mount=_absolute_path(
+                "CLEAR_ARTIFACT_MOUNT", setting("CLEAR_ARTIFACT_MOUNT", cls.artifact_mount)),
+            shm_size_bytes=_integer(
+                "CLEAR_SHM_SIZE_BYTES", setting("CLEAR_SHM_SIZE_BYTES", str(cls.shm_size_bytes)),
+                minimum=1),
+            docker_host=setting("CLEAR_DOCKER_HOST",
+                                os.environ.get("DOCKER_HOST") or cls.docker_host),
             docker_network=setting("CLEAR_DOCKER_NETWORK", ""),
             docker_gpus=_gpu_count(setting("CLEAR_DOCKER_GPUS", cls.docker_gpus)),
             s3_conn_id=setting("CLEAR_S3_CONN_ID", ""),
             namespace=setting("CLEAR_K8S_NAMESPACE", cls.namespace),
             artifact_claim=setting("CLEAR_K8S_ARTIFACT_CLAIM", cls.artifact_claim),
-            gpus_per_task=int(setting("CLEAR_GPUS_PER_TASK", str(cls.gpus_per_task))),
+            gpus_per_task=_integer(
+                "CLEAR_GPUS_PER_TASK", setting("CLEAR_GPUS_PER_TASK", str(cls.gpus_per_task)),
+                minimum=0),
         )
 
     def image(self, torch: bool) -> str:
@@ -74,10 +84,36 @@ class RuntimeSettings:
 
 def _gpu_count(value: str) -> str:
     value = value.strip().lower()
-    if value != "all" and not value.isdigit():
+    if value == "all":
+        return value
+    if not re.fullmatch(r"[0-9]+", value):
         raise ValueError(f"invalid CLEAR_DOCKER_GPUS {value!r}; use all, a GPU count, or 0 "
                          "for no GPUs")
+    # "00" must mean no GPUs, as "0" does.
+    return str(int(value))
+
+
+def _integer(name: str, value: str, minimum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"invalid {name} {value!r}; expected a whole number") from None
+    if number < minimum:
+        raise ValueError(f"invalid {name} {value!r}; the minimum is {minimum}")
+    return number
+
+
+def _absolute_path(name: str, value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"invalid {name} {value!r}; expected an absolute path")
     return value
+
+
+def _artifact_volume(value: str) -> str:
+    if value.startswith("/") or VOLUME_NAME.fullmatch(value):
+        return value
+    raise ValueError(f"invalid CLEAR_ARTIFACT_VOLUME {value!r}; use an absolute host folder "
+                     "or a Docker volume name (letters, digits, _ . -)")
 
 
 def s3_environment(conn_id: str) -> dict[str, str]:
@@ -85,13 +121,26 @@ def s3_environment(conn_id: str) -> dict[str, str]:
     if not conn_id:
         return {}
     from airflow.providers.amazon.aws.hooks.base_aws import AwsGenericHook
+    from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
+    # The hook falls back to the worker's own AWS credentials for an unknown connection,
+    # which would hand them to the stage, so a missing connection is an error.
+    try:
+        AwsGenericHook.get_connection(conn_id)
+    except AirflowNotFoundException as error:
+        raise AirflowFailException(
+            f"CLEAR_S3_CONN_ID names the Airflow connection {conn_id!r}, which is not "
+            "defined; create it, or unset CLEAR_S3_CONN_ID") from error
     hook = AwsGenericHook(aws_conn_id=conn_id, client_type="s3")
-    credentials = hook.get_credentials()
-    environment = {"AWS_ACCESS_KEY_ID": credentials.access_key,
-                   "AWS_SECRET_ACCESS_KEY": credentials.secret_key}
-    if credentials.token:
-        environment["AWS_SESSION_TOKEN"] = credentials.token
+    environment = {}
+    # A connection without keys uses boto3's default chain; when that finds none either,
+    # the stage's S3 requests are unsigned.
+    if hook.get_session().get_credentials() is not None:
+        credentials = hook.get_credentials()
+        environment["AWS_ACCESS_KEY_ID"] = credentials.access_key
+        environment["AWS_SECRET_ACCESS_KEY"] = credentials.secret_key
+        if credentials.token:
+            environment["AWS_SESSION_TOKEN"] = credentials.token
     endpoint = hook.conn_config.endpoint_url
     if endpoint:
         environment["AWS_ENDPOINT_URL"] = endpoint
