@@ -79,6 +79,10 @@ def usage() -> str:
     return "\n".join(lines) + "\n"
 
 
+# Packages of the model stages; the CPU task image does not have them.
+MODEL_PACKAGES = {"torch", "torchvision", "open_clip"}
+
+
 def write_summary(summary: dict) -> None:
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
@@ -108,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         summary = args.module.run(config)
     except StageError as error:
         sys.stderr.write(f"error: stage {args.stage} failed: {error}\n")
+        return 2
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in MODEL_PACKAGES:
+            raise
+        sys.stderr.write(f"error: stage {args.stage} needs {error.name}, which is not "
+                         "installed here; run it in the clear-pipeline/tasks-torch image or "
+                         "install requirements/torch-lock.txt\n")
         return 2
     write_summary({"stage": args.stage, **summary})
     return 0

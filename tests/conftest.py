@@ -56,12 +56,18 @@ def docker_engine():
     Skipped where Debian's engine cannot be installed (not root, not Debian), except
     under CI=true, where the container tests must run.
     """
-    from docker_engine import DockerEngine, EngineError, ensure_base_image, install_packages
+    from docker_engine import (
+        DockerEngine,
+        EngineError,
+        ensure_base_image,
+        in_ci,
+        install_packages,
+    )
 
     try:
         install_packages()
     except EngineError as error:
-        if os.environ.get("CI"):
+        if in_ci():
             pytest.fail(f"the container tests cannot run: {error}")
         pytest.skip(f"no Docker engine: {error}")
     engine = DockerEngine()

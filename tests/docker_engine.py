@@ -2,7 +2,8 @@
 
 `DockerEngine` starts Debian's `dockerd` with its data root, exec root and socket under
 one folder in /tmp. It adds no iptables rules and no default bridge, so it changes
-nothing in the host's firewall or network, and containers use the host network. The
+nothing in the host's firewall or network. Builds and containers therefore need
+`--network host` (CLEAR_DOCKER_NETWORK=host for the docker runtime). The
 data root is kept between runs, so built layers are reused. The engine itself is
 always stopped, and one left running by a killed test run is stopped at the next start.
 
@@ -77,6 +78,11 @@ def missing_packages() -> list[str]:
         if "install ok installed" not in status.stdout:
             missing.append(package)
     return missing
+
+
+def in_ci() -> bool:
+    """Return whether the CI variable is set to a true value (CI=true in CI runs)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def install_packages() -> None:

@@ -74,3 +74,22 @@ def test_summary_is_last_stdout_line(tmp_path, sample_tsv):
     summary = json.loads(result.stdout.splitlines()[-1])
     assert summary["stage"] == "sync-metadata"
     assert summary["rows"] == 600
+
+
+def test_missing_model_package_names_torch_image(monkeypatch, tmp_path, capsys):
+    """A model stage where torch is not installed (the CPU image) exits 2 with a hint."""
+    import tasks.clip
+    from tasks.cli import main
+
+    def run_without_torch(config):
+        import torch  # noqa: F401
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setattr(tasks.clip, "run", run_without_torch)
+
+    status = main(["extract-clip", "--artifact-root", str(tmp_path), "--bucket", "0"])
+    message = capsys.readouterr().err
+
+    assert status == 2
+    assert "needs torch" in message
+    assert "clear-pipeline/tasks-torch" in message

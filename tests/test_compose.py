@@ -34,12 +34,12 @@ INTERPOLATED = re.compile(r"^(AIRFLOW_|CLEAR_|POSTGRES_|DOCKER_|COMPOSE_)")
 @pytest.fixture(scope="module")
 def compose():
     """compose.yaml as `docker-compose config` resolves it, parsed."""
-    from docker_engine import EngineError, install_packages
+    from docker_engine import EngineError, in_ci, install_packages
 
     try:
         install_packages()
     except EngineError as error:
-        if os.environ.get("CI"):
+        if in_ci():
             pytest.fail(f"docker-compose is missing and cannot be installed: {error}")
         pytest.skip(f"no docker-compose: {error}")
     environment = {name: value for name, value in os.environ.items()
@@ -122,7 +122,7 @@ def test_scheduler_reaches_docker_socket(compose):
     targets = [volume.split(":")[1] for volume in scheduler["volumes"]]
     assert "/var/run/docker.sock" in targets
     assert environment_of(compose, "airflow-scheduler")["CLEAR_DOCKER_HOST"] == \
-        "unix://var/run/docker.sock"
+        "unix:///var/run/docker.sock"
     assert scheduler["group_add"] == [SOCKET_GROUP]
 
 

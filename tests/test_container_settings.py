@@ -273,6 +273,48 @@ def test_rejected_container_fails_without_retry(tmp_path):
     assert "CLEAR_ARTIFACT_VOLUME ('/srv/clear')" in str(raised.value)
 
 
+def test_missing_network_names_docker_network(tmp_path):
+    routes = {("GET", "/images/json"): (200, [{"Id": "sha256:0"}]),
+              ("POST", "/containers/create"): (404, {"message": "network lab not found"})}
+    with StubDockerEngine(tmp_path / "docker.sock", routes) as engine:
+        operator = sync_metadata(docker_settings(docker_host=engine.url, docker_network="lab"))
+
+        with pytest.raises(AirflowFailException) as raised:
+            operator.execute({})
+
+    assert "no network 'lab'" in str(raised.value)
+    assert "CLEAR_DOCKER_NETWORK" in str(raised.value)
+    assert "CLEAR_ARTIFACT_VOLUME" not in str(raised.value)
+
+
+def test_killed_container_says_killed(tmp_path, monkeypatch):
+    def kill(self, context):
+        raise DockerContainerFailedException(
+            "Docker container failed: {'Error': None, 'StatusCode': 137}", logs=["starting"])
+
+    monkeypatch.setattr(DockerOperator, "execute", kill)
+    with StubDockerEngine(tmp_path / "docker.sock", {}) as engine:
+        operator = sync_metadata(docker_settings(docker_host=engine.url))
+
+        with pytest.raises(AirflowException, match=r"status 137 \(killed: out of memory"):
+            operator.execute({})
+
+
+def test_unwritable_bind_mount_names_chown(tmp_path, monkeypatch):
+    def reject(self, context):
+        raise DockerContainerFailedException(
+            "Docker container failed: {'Error': None, 'StatusCode': 2}",
+            logs=["error: stage sync-metadata failed: artifact root '/artifacts' is not "
+                  "writable ([Errno 13] Permission denied)"])
+
+    monkeypatch.setattr(DockerOperator, "execute", reject)
+    with StubDockerEngine(tmp_path / "docker.sock", {}) as engine:
+        operator = sync_metadata(docker_settings(docker_host=engine.url))
+
+        with pytest.raises(AirflowFailException, match="chown -R 10001:10001 /srv/clear"):
+            operator.execute({})
+
+
 def test_gpu_without_runtime_names_docker_gpus(tmp_path, monkeypatch):
     from docker.errors import APIError
 

@@ -101,12 +101,17 @@ class StageDockerOperator(DockerOperator):
             return _summary_from_logs(super().execute(context))
         except DockerContainerFailedException as error:
             status = _exit_status(error)
+            last_line = _last_line(error.logs)
             if status == USAGE_ERROR:
+                hint = ""
+                if "not writable" in last_line and self.artifact_volume.startswith("/"):
+                    hint = (f"; the task images run as uid 10001, so run `chown -R "
+                            f"10001:10001 {self.artifact_volume}` (CLEAR_ARTIFACT_VOLUME)")
                 raise AirflowFailException(
-                    f"stage {self.stage} rejected its input: {_last_line(error.logs)}"
-                ) from error
-            raise AirflowException(f"stage {self.stage} exited with status {status}: "
-                                   f"{_last_line(error.logs)}") from error
+                    f"stage {self.stage} rejected its input: {last_line}{hint}") from error
+            killed = " (killed: out of memory or docker kill)" if status == 137 else ""
+            raise AirflowException(f"stage {self.stage} exited with status {status}{killed}: "
+                                   f"{last_line}") from error
         except APIError as error:
             raise self._explain(error) from error
 
@@ -148,7 +153,12 @@ class StageDockerOperator(DockerOperator):
                 f"pulling it failed ({message}); build it with `make images`, or set "
                 "CLEAR_CPU_IMAGE or CLEAR_TORCH_IMAGE to an image that the engine has or can "
                 "pull")
-        if error.status_code == 400 or ("network" in message and "not found" in message):
+        if "network" in message and "not found" in message:
+            return AirflowFailException(
+                f"the Docker engine at {self.docker_url} has no network "
+                f"{self.network_mode!r} for the container of stage {self.stage}: {message}; "
+                "create it, or set CLEAR_DOCKER_NETWORK to an existing network")
+        if error.status_code == 400:
             return AirflowFailException(
                 f"the Docker engine at {self.docker_url} rejected the container of stage "
                 f"{self.stage}: {message}; check CLEAR_ARTIFACT_VOLUME "

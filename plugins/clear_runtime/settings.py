@@ -39,7 +39,7 @@ class RuntimeSettings:
     artifact_volume: str = "clear-artifacts"
     artifact_mount: str = "/artifacts"
     shm_size_bytes: int = 8 << 30
-    docker_host: str = "unix://var/run/docker.sock"
+    docker_host: str = "unix:///var/run/docker.sock"
     docker_network: str = ""
     # GPUs a GPU stage's container requests: "all", a count, or 0 for none (CPU hosts).
     docker_gpus: str = "all"
