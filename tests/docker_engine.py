@@ -8,7 +8,7 @@ data root is kept between runs, so built layers are reused. The engine itself is
 always stopped, and one left running by a killed test run is stopped at the next start.
 
 No registry is reachable from CI, so `ensure_base_image` builds the image that every
-Dockerfile starts from, `python:3.11-slim-bookworm`, from Debian packages: debootstrap
+Dockerfile starts from, `python:3.11-slim-bookworm`, from Debian packages. debootstrap
 writes a minimal bookworm root with Python 3.11, pip, venv and the host's CA
 certificates, and `docker import` turns it into an image. The root is cached as a
 tarball under ~/.cache/clear-pipeline, keyed by the recipe and the host's certificates.
@@ -137,6 +137,7 @@ class DockerEngine:
             fcntl.flock(self._lock, fcntl.LOCK_EX)
         self._stop_orphan()
         self.socket.unlink(missing_ok=True)
+
         self.log_path = self.root / "dockerd.log"
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(
@@ -147,6 +148,7 @@ class DockerEngine:
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
+
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
