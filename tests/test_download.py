@@ -182,6 +182,21 @@ def test_download_fault_statuses(server, artifact_root):
     assert manifest[20]["attempts"] == 2
 
 
+def test_unreachable_shard_warns_on_each_run(artifact_root, caplog):
+    refused = f"http://127.0.0.1:{free_port()}/refused"
+    write_plan(artifact_root, {1: f"{refused}/1_aa.jpg", 2: f"{refused}/2_aa.jpg"})
+
+    download.run(make_config(artifact_root, *FAST_OPTIONS))
+    first = caplog.text
+    caplog.clear()
+    summary = download.run(make_config(artifact_root, *FAST_OPTIONS))
+
+    assert "no sample was downloaded (connection_error: 2)" in first
+    assert summary["skipped"]
+    assert "2 of 2 samples failed (connection_error: 2)" in caplog.text
+    assert "--retry-failed" in caplog.text
+
+
 def test_download_retry_after_honoured(server, artifact_root):
     cases = fault_cases(server)
     write_plan(artifact_root, {4: cases[4][0]})

@@ -252,6 +252,10 @@ def run(config: Config) -> dict:
         asyncio.run(download_samples(pending, config, writer))
         stats = publish_shard(store, config, writer, samples, time.monotonic() - started)
         writer.discard()
+    if stats["samples"] and not stats["counts"].get("ok"):
+        logger.warning("shard %s: no sample was downloaded (%s); check the network and "
+                       "--mirror-base-url, then rerun with --retry-failed", config.shard,
+                       format_counts(stats["counts"]))
 
     return {"shard": config.shard, "skipped": False, "samples": stats["samples"],
             "ok": stats["counts"].get("ok", 0), "resumed": stats["resumed"], "retried": 0}
@@ -305,6 +309,12 @@ def retry_failed(store: ArtifactStore, config: Config, started: float) -> dict:
             "retried": len(retry_ids)}
 
 
+def format_counts(counts: dict) -> str:
+    """Return status counts as `status: n` pairs, largest first."""
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{status}: {count}" for status, count in ordered)
+
+
 def finished_summary(store: ArtifactStore, config: Config) -> dict | None:
     """Return the summary of an already finished shard, or None when it still needs work."""
     if not store.exists(shard_stats_key(config.shard)):
@@ -312,6 +322,11 @@ def finished_summary(store: ArtifactStore, config: Config) -> dict | None:
     stats = read_finished_stats(store, config)
     logger.info("shard %s is already downloaded (%s); nothing to do",
                 config.shard, store.url(shard_stats_key(config.shard)))
+    failed = stats["samples"] - stats["counts"].get("ok", 0)
+    if failed:
+        logger.warning("shard %s: %d of %d samples failed (%s); rerun with --retry-failed "
+                       "to fetch the retryable ones again", config.shard, failed,
+                       stats["samples"], format_counts(stats["counts"]))
     return {"shard": config.shard, "skipped": True, "samples": stats["samples"],
             "ok": stats["counts"].get("ok", 0), "resumed": 0, "retried": 0}
 
