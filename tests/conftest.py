@@ -56,20 +56,9 @@ def docker_engine():
     Skipped where Debian's engine cannot be installed (not root, not Debian), except
     under CI=true, where the container tests must run.
     """
-    from docker_engine import (
-        DockerEngine,
-        EngineError,
-        ensure_base_image,
-        in_ci,
-        install_packages,
-    )
+    from docker_engine import DockerEngine, ensure_base_image, install_packages_or_skip
 
-    try:
-        install_packages()
-    except EngineError as error:
-        if in_ci():
-            pytest.fail(f"the container tests cannot run: {error}")
-        pytest.skip(f"no Docker engine: {error}")
+    install_packages_or_skip("the container tests")
     engine = DockerEngine()
     engine.start()
     try:

@@ -34,14 +34,9 @@ INTERPOLATED = re.compile(r"^(AIRFLOW_|CLEAR_|POSTGRES_|DOCKER_|COMPOSE_)")
 @pytest.fixture(scope="module")
 def compose():
     """compose.yaml as `docker-compose config` resolves it, parsed."""
-    from docker_engine import EngineError, in_ci, install_packages
+    from docker_engine import install_packages_or_skip
 
-    try:
-        install_packages()
-    except EngineError as error:
-        if in_ci():
-            pytest.fail(f"docker-compose is missing and cannot be installed: {error}")
-        pytest.skip(f"no docker-compose: {error}")
+    install_packages_or_skip("the docker-compose checks")
     environment = {name: value for name, value in os.environ.items()
                    if not INTERPOLATED.match(name)}
     environment["DOCKER_GID"] = SOCKET_GROUP

@@ -39,7 +39,7 @@ CONTAINER = re.compile(r"^clear-clear_pipeline-(?P<task>[a-z-]+?)-(?P<map>-?\d+)
 # follow the order in which downloads finish, which differs between any two runs.
 VOLATILE = {"uri", "mtime_ns", "duration_seconds", "samples_per_second", "resumed",
             "mirror_base_url", "offset", "inputs"}
-# Version folders are named from the source's path, size and time, and the image holds
+# Version folders are named from the source's path, size and time, and the image keeps
 # the sample at another path than the repository, so versions are compared by content.
 VERSION = re.compile(r"v-[0-9a-f]{12}")
 
@@ -91,6 +91,13 @@ class ContainerEvents:
                 if event["action"] == action and CONTAINER.match(event["name"])]
 
 
+def task_volume(path: Path) -> Path:
+    """Create the host folder of the shared volume, owned by the task images' user."""
+    path.mkdir()
+    os.chown(path, *map(int, IMAGE_USER.split(":")))
+    return path
+
+
 def airflow_environment(home: Path, **settings) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith("CLEAR_")}
     env.update({"AIRFLOW_HOME": str(home), "PYTHON": sys.executable,
@@ -122,9 +129,7 @@ def cpu_image(docker_engine, request):
 def container_runs(docker_engine, cpu_image, tmp_path_factory, request):
     """The CPU stages once in containers and once with the local runtime."""
     work = tmp_path_factory.mktemp("containers")
-    volume = work / "volume"
-    volume.mkdir()
-    os.chown(volume, *map(int, IMAGE_USER.split(":")))
+    volume = task_volume(work / "volume")
     local_root = work / "local"
     with SampleMirror() as mirror:
         docker_env = airflow_environment(
@@ -195,7 +200,7 @@ def test_no_container_is_left_behind(container_runs, docker_engine):
     assert [name for name in listed if name.startswith("clear-")] == []
 
 
-def test_outputs_on_the_shared_volume_match_the_local_runtime(container_runs):
+def test_container_outputs_match_local_runtime(container_runs):
     status, log = container_runs["local"]
     assert status == 0, log.read_text()[-5000:]
     volume, local_root = container_runs["volume"], container_runs["local_root"]
@@ -206,7 +211,7 @@ def test_outputs_on_the_shared_volume_match_the_local_runtime(container_runs):
 
 
 def outputs(root: Path) -> dict[str, object]:
-    """Each output file of `root` reduced to what it says, in a comparable form."""
+    """Return each output file of `root` reduced to its content, in a comparable form."""
     found = {}
     for path in sorted(root.rglob("*")):
         key = VERSION.sub("v-*", path.relative_to(root).as_posix())
@@ -244,9 +249,7 @@ def test_rejected_input_fails_without_retry(docker_engine, cpu_image, tmp_path):
     from clear_runtime.local import AirflowFailException
     from clear_runtime.settings import RuntimeSettings
 
-    volume = tmp_path / "volume"
-    volume.mkdir()
-    os.chown(volume, *map(int, IMAGE_USER.split(":")))
+    volume = task_volume(tmp_path / "volume")
     settings = RuntimeSettings(runtime="docker", docker_host=docker_engine.host,
                                docker_network="host", artifact_volume=str(volume),
                                shm_size_bytes=64 << 20)
@@ -309,9 +312,7 @@ def test_whole_dag_runs_in_containers(docker_engine, cpu_image, tmp_path, reques
     with uncaptured(request):
         print(f"\n== building {TORCH_IMAGE} from images/tasks-torch/Dockerfile", flush=True)
         build_image(docker_engine, "tasks-torch", TORCH_IMAGE, REPOSITORY)
-    volume = tmp_path / "volume"
-    volume.mkdir()
-    os.chown(volume, *map(int, IMAGE_USER.split(":")))
+    volume = task_volume(tmp_path / "volume")
     with SampleMirror() as mirror:
         env = airflow_environment(
             tmp_path / "airflow", CLEAR_RUNTIME="docker", CLEAR_DOCKER_HOST=docker_engine.host,

@@ -183,8 +183,8 @@ def test_download_fault_statuses(server, artifact_root):
 
 
 def test_unreachable_shard_warns_on_each_run(artifact_root, caplog):
-    refused = f"http://127.0.0.1:{free_port()}/refused"
-    write_plan(artifact_root, {1: f"{refused}/1_aa.jpg", 2: f"{refused}/2_aa.jpg"})
+    closed_port = f"http://127.0.0.1:{free_port()}/refused"
+    write_plan(artifact_root, {1: f"{closed_port}/1_aa.jpg", 2: f"{closed_port}/2_aa.jpg"})
 
     download.run(make_config(artifact_root, *FAST_OPTIONS))
     first = caplog.text

@@ -25,7 +25,7 @@ def test_hadolint_finds_nothing(dockerfile):
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.parent.name)
-def test_images_start_from_the_agreed_base_and_drop_root(dockerfile):
+def test_image_base_and_user(dockerfile):
     text = dockerfile.read_text()
     bases = re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE)
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)

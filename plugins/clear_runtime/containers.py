@@ -11,7 +11,7 @@ from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
 from docker.errors import APIError, DockerException
 
-from clear_runtime.local import USAGE_ERROR, AirflowException, AirflowFailException
+from clear_runtime.local import USAGE_ERROR, AirflowException, AirflowFailException, stage_failure
 from clear_runtime.settings import RuntimeSettings, s3_environment
 
 KUBERNETES_SUMMARY_FILE = "/airflow/xcom/return.json"
@@ -102,16 +102,13 @@ class StageDockerOperator(DockerOperator):
         except DockerContainerFailedException as error:
             status = _exit_status(error)
             last_line = _last_line(error.logs)
-            if status == USAGE_ERROR:
-                hint = ""
-                if "not writable" in last_line and self.artifact_volume.startswith("/"):
-                    hint = (f"; the task images run as uid 10001, so run `chown -R "
-                            f"10001:10001 {self.artifact_volume}` (CLEAR_ARTIFACT_VOLUME)")
-                raise AirflowFailException(
-                    f"stage {self.stage} rejected its input: {last_line}{hint}") from error
+            hint = ""
+            if (status == USAGE_ERROR and "not writable" in last_line
+                    and self.artifact_volume.startswith("/")):
+                hint = (f"; the task images run as uid 10001, so run `chown -R "
+                        f"10001:10001 {self.artifact_volume}` (CLEAR_ARTIFACT_VOLUME)")
             killed = " (killed: out of memory or docker kill)" if status == 137 else ""
-            raise AirflowException(f"stage {self.stage} exited with status {status}{killed}: "
-                                   f"{last_line}") from error
+            raise stage_failure(self.stage, status, last_line, hint, killed) from error
         except APIError as error:
             raise self._explain(error) from error
 

@@ -23,6 +23,19 @@ except ImportError:  # older task SDKs
 USAGE_ERROR = 2
 
 
+def stage_failure(stage: str, status: int, last_line: str, hint: str = "",
+                  status_note: str = "") -> Exception:
+    """Return the task error for a stage that exited with a non-zero `status`.
+
+    Exit status 2 (rejected input) fails the task for good; any other status is retried.
+    `hint` follows the rejected input's message and `status_note` the exit status.
+    """
+    if status == USAGE_ERROR:
+        return AirflowFailException(f"stage {stage} rejected its input: {last_line}{hint}")
+    return AirflowException(f"stage {stage} exited with status {status}{status_note}: "
+                            f"{last_line}")
+
+
 def parse_summary(stdout: str) -> dict:
     """Return the JSON summary a stage prints as its last line of stdout."""
     lines = [line for line in stdout.splitlines() if line.strip()]
@@ -79,12 +92,8 @@ class StageSubprocessOperator(BaseOperator):
             returncode = self._process.wait()
             stdout.seek(0)
             output = stdout.read()
-        if returncode == USAGE_ERROR:
-            raise AirflowFailException(f"stage {self.stage} rejected its input: "
-                                       f"{tail[-1] if tail else ''}")
         if returncode != 0:
-            raise AirflowException(f"stage {self.stage} exited with status {returncode}: "
-                                   f"{tail[-1] if tail else ''}")
+            raise stage_failure(self.stage, returncode, tail[-1] if tail else "")
         return parse_summary(output)
 
     def on_kill(self) -> None:

@@ -135,8 +135,9 @@ def s3_environment(conn_id: str) -> dict[str, str]:
     environment = {}
     # A connection without keys uses boto3's default chain; when that finds none either,
     # the stage's S3 requests are unsigned.
-    if hook.get_session().get_credentials() is not None:
-        credentials = hook.get_credentials()
+    found = hook.get_session().get_credentials()
+    if found is not None:
+        credentials = found.get_frozen_credentials()
         environment["AWS_ACCESS_KEY_ID"] = credentials.access_key
         environment["AWS_SECRET_ACCESS_KEY"] = credentials.secret_key
         if credentials.token:
