@@ -208,14 +208,11 @@ class DockerEngine:
         containerd_pid = self.root / "exec" / "containerd" / "containerd.pid"
         with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
             os.kill(int(containerd_pid.read_text().strip()), signal.SIGKILL)
-        # dockerd keeps its network namespace bind-mounted under the exec root after exit.
-        namespace = self.root / "exec" / "netns" / "default"
-        if os.path.ismount(namespace):
-            subprocess.run(["umount", str(namespace)], check=False)
-        # A dockerd that was killed also leaves its data root bind-mounted on itself.
-        data = self.root / "data"
-        if _mount_point(data):
-            subprocess.run(["umount", str(data)], check=False)
+        # dockerd keeps its network namespace mounted after exit, and a killed dockerd
+        # also leaves its data root bind-mounted on itself.
+        for mount in (self.root / "exec" / "netns" / "default", self.root / "data"):
+            if _mount_point(mount):
+                subprocess.run(["umount", str(mount)], check=False)
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -226,9 +223,6 @@ class DockerEngine:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
-
-    def image_exists(self, tag: str) -> bool:
-        return self.docker("image", "inspect", tag, check=False).returncode == 0
 
     def remove_containers(self, name_prefix: str) -> list[str]:
         """Force-remove every container whose name starts with `name_prefix`."""
@@ -296,26 +290,20 @@ def ensure_base_image(engine: DockerEngine) -> str:
     return BASE_IMAGE
 
 
-def build_image(engine: DockerEngine, image: str, tag: str, context: Path,
-                log: Path | None = None) -> None:
+def build_image(engine: DockerEngine, image: str, tag: str, context: Path) -> None:
     """Build images/<image>/Dockerfile from the repository root `context` as `tag`.
 
-    The build's output streams to `log` (or this process's stdout) so the CI log shows
-    it. Builds use the host network because the engine has no bridge.
+    The build's output goes to this process's stdout, so the CI log shows it. Builds
+    use the host network because the engine has no bridge.
     """
     dockerfile = Path(context) / "images" / image / "Dockerfile"
     command = [DOCKER, "build", "--network", "host", "--file", str(dockerfile), "--tag", tag,
                str(context)]
-    output = open(log, "a") if log else None
-    try:
-        result = subprocess.run(command, env=engine.environment(), stdout=output or sys.stdout,
-                                stderr=subprocess.STDOUT)
-    finally:
-        if output:
-            output.close()
+    result = subprocess.run(command, env=engine.environment(), stdout=sys.stdout,
+                            stderr=subprocess.STDOUT)
     if result.returncode != 0:
         raise EngineError(f"building {tag} from {dockerfile} failed with status "
-                          f"{result.returncode}" + (f"; see {log}" if log else ""))
+                          f"{result.returncode}")
 
 
 @contextlib.contextmanager
