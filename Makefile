@@ -48,7 +48,8 @@ test: setup
 	$(BIN)/python -m pytest
 
 # Also build the torch image and run every stage of the DAG in containers, the model
-# stages on the CPU. Not part of `make test`: the image holds several GB of CUDA wheels.
+# stages on the CPU. Not part of `make test`, because the image contains several GB of
+# CUDA wheels.
 test-torch-image: setup
 	CLEAR_TORCH_IMAGE_TESTS=1 $(BIN)/python -m pytest tests/test_containers.py
 
