@@ -375,3 +375,14 @@ def test_shared_artifact_root_reaches_engine(tmp_path, root):
     created = [body for verb, path, body in engine.requests if path == "/containers/create"]
     assert len(created) == 1
     assert created[0]["Cmd"][-3:] == [root, "--source", SAMPLE]
+
+
+def test_summary_found_before_late_log_lines():
+    from clear_runtime.containers import _summary_from_logs
+
+    lines = ["INFO starting", '{"rows": 600, "stage": "sync-metadata"}',
+             "INFO tasks.metadata: wrote 600 rows in 1 parts"]
+
+    assert _summary_from_logs(lines) == {"rows": 600, "stage": "sync-metadata"}
+    assert _summary_from_logs(["INFO no summary", "[1, 2]"]) == {}
+    assert _summary_from_logs(None) == {}

@@ -39,16 +39,23 @@ def _device_requests(gpus: str) -> list | None:
     return [DeviceRequest(count=count, capabilities=[["gpu"]])]
 
 
-def _summary_from_logs(value) -> dict:
-    """DockerOperator pushes the last log line; stages print their JSON summary last."""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    if not isinstance(value, str):
-        return {}
-    try:
-        return json.loads(value.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
-        return {}
+def _summary_from_logs(lines) -> dict:
+    """Return the stage's JSON summary from the container's log lines, or {} when absent.
+
+    Stages print the summary last on stdout, but Docker merges stdout and stderr, so a
+    log line written to stderr just before it can arrive after it.
+    """
+    if isinstance(lines, (str, bytes)):
+        lines = [lines]
+    for line in reversed(lines or []):
+        text = line.decode("utf-8", "replace") if isinstance(line, bytes) else str(line)
+        try:
+            value = json.loads(text.strip())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict) and "stage" in value:
+            return value
+    return {}
 
 
 class StageDockerOperator(DockerOperator):
@@ -77,7 +84,7 @@ class StageDockerOperator(DockerOperator):
             auto_remove="force",
             mount_tmp_dir=False,
             do_xcom_push=True,
-            xcom_all=False,
+            xcom_all=True,
             **kwargs,
         )
 
